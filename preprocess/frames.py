@@ -1,0 +1,160 @@
+"""Video -> a fixed number of equally spaced, resized frames.
+
+Used by the packer and by ``dist_train.predict`` so that a raw video at prediction time goes
+through exactly the same frame selection and resizing as at packing time.
+
+Frame counts come from decoding, never from the container header alone: some AVIs claim
+hundreds of frames more than decode (or fewer). The header count is only a guess that lets the
+common case finish in one decoding pass; when it is wrong a second pass fetches the right frames.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+VIDEO_EXTENSIONS = (
+    ".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv", ".ogv", ".3gp",
+)
+
+
+class VideoError(Exception):
+    """A video that cannot be used; the message is the reason, fit for a skip report."""
+
+
+def select_indices(n_decoded: int, n_frames: int) -> list[int]:
+    """``n_frames`` equally spaced frame indices over ``n_decoded`` frames, first and last included.
+
+    Index i is round(i * (n_decoded - 1) / (n_frames - 1)), in integer arithmetic. With fewer
+    decoded frames than wanted, frames repeat evenly (e.g. 8 -> each about twice), in order.
+    """
+    if n_decoded < 1 or n_frames < 1:
+        raise ValueError(f"need n_decoded >= 1 and n_frames >= 1, got {n_decoded}, {n_frames}")
+    if n_frames == 1:
+        return [(n_decoded - 1) // 2]
+    span, steps = n_decoded - 1, n_frames - 1
+    return [(2 * i * span + steps) // (2 * steps) for i in range(n_frames)]
+
+
+def resize_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
+    """Resize so the shorter side is ``short_side`` pixels, keeping the aspect ratio."""
+    h, w = frame.shape[:2]
+    if min(h, w) == short_side:
+        return frame
+    scale = short_side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(frame, size, interpolation=interp)
+
+
+def encode_jpeg(frame_bgr: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an OpenCV (BGR) frame as an RGB JPEG file's bytes."""
+    ok, buf = cv2.imencode(".jpg", frame_bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise VideoError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+@dataclass
+class Clip:
+    """Selected frames of one video (BGR, resized) and what decoding found."""
+
+    frames: list[np.ndarray]
+    indices: list[int]
+    n_decoded: int
+    header_frames: int
+    fps: float
+    size: tuple[int, int]  # original (width, height)
+    passes: int
+
+    @property
+    def repeated(self) -> bool:
+        """True when the video had fewer frames than selected, so some repeat."""
+        return self.n_decoded < len(self.indices)
+
+
+def _open(path: Path) -> cv2.VideoCapture:
+    if not path.is_file():
+        raise VideoError("file not found")
+    if not os.access(path, os.R_OK):
+        raise VideoError("file is not readable (permissions)")
+    if path.stat().st_size == 0:
+        raise VideoError("empty file (0 bytes)")
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        cap.release()
+        raise VideoError("OpenCV/FFmpeg cannot open it (not a video, unsupported codec or damaged header)")
+    return cap
+
+
+def _decode_pass(path: Path, wanted: set[int], short_side: int, stop_after: int | None) -> tuple[dict, int]:
+    """Decode ``path`` once, colour-converting and resizing only the ``wanted`` frames.
+
+    Returns the kept frames by index and the number of frames that decoded (up to ``stop_after``).
+    """
+    cap = _open(path)
+    kept: dict[int, np.ndarray] = {}
+    n = 0
+    try:
+        while stop_after is None or n <= stop_after:
+            if not cap.grab():
+                break
+            if n in wanted:
+                ok, frame = cap.retrieve()
+                if not ok or frame is None:
+                    break
+                kept[n] = resize_short_side(frame, short_side)
+            n += 1
+    finally:
+        cap.release()
+    return kept, n
+
+
+def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_frames: int = 1) -> Clip:
+    """Decode ``path`` and return ``n_frames`` equally spaced frames over the frames that decode.
+
+    Raises ``VideoError`` with the reason when the file cannot be used.
+    """
+    path = Path(path)
+    cap = _open(path)
+    header = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
+    cap.release()
+
+    guess = set(select_indices(header, n_frames)) if header > 0 else set()
+    kept, n_decoded = _decode_pass(path, guess, short_side, None)
+    passes = 1
+    if n_decoded == 0:
+        raise VideoError("no frame decodes (truncated, corrupt or not a video)")
+    if n_decoded < min_frames:
+        raise VideoError(f"only {n_decoded} frame(s) decode, fewer than the minimum of {min_frames}")
+    indices = select_indices(n_decoded, n_frames)
+    missing = set(indices) - kept.keys()
+    if missing:
+        # The header count was wrong: fetch the right frames now that the real count is known.
+        extra, n2 = _decode_pass(path, missing, short_side, max(missing))
+        passes = 2
+        kept.update(extra)
+        if set(indices) - kept.keys():
+            raise VideoError(
+                f"decoding is not repeatable: {n_decoded} frames decoded in the first pass, {n2} in the second"
+            )
+    return Clip(
+        frames=[kept[i] for i in indices],
+        indices=indices,
+        n_decoded=n_decoded,
+        header_frames=header,
+        fps=fps,
+        size=size,
+        passes=passes,
+    )
+
+
+def is_video_name(name: str) -> bool:
+    """True for file names with a video extension this tool looks at."""
+    return name.lower().endswith(VIDEO_EXTENSIONS)
