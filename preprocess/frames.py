@@ -27,17 +27,16 @@ class VideoError(Exception):
 
 
 def select_indices(n_decoded: int, n_frames: int) -> list[int]:
-    """``n_frames`` equally spaced frame indices over ``n_decoded`` frames, first and last included.
+    """``n_frames`` equally spaced frame indices over ``n_decoded`` frames, in order.
 
-    Index i is round(i * (n_decoded - 1) / (n_frames - 1)), in integer arithmetic. With fewer
-    decoded frames than wanted, frames repeat evenly (e.g. 8 -> each about twice), in order.
+    Index i is the middle frame of the i-th of ``n_frames`` equal segments:
+    floor((2i + 1) * n_decoded / (2 * n_frames)), in integer arithmetic (no float drift, no
+    overflow). With fewer decoded frames than wanted, every frame is used and repeats evenly
+    (each ``n_frames // n_decoded`` or one more times), still in order.
     """
     if n_decoded < 1 or n_frames < 1:
         raise ValueError(f"need n_decoded >= 1 and n_frames >= 1, got {n_decoded}, {n_frames}")
-    if n_frames == 1:
-        return [(n_decoded - 1) // 2]
-    span, steps = n_decoded - 1, n_frames - 1
-    return [(2 * i * span + steps) // (2 * steps) for i in range(n_frames)]
+    return [(2 * i + 1) * n_decoded // (2 * n_frames) for i in range(n_frames)]
 
 
 def resize_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
@@ -78,8 +77,10 @@ class Clip:
 
 
 def _open(path: Path) -> cv2.VideoCapture:
+    if not path.exists():
+        raise VideoError("file not found (a broken symbolic link?)")
     if not path.is_file():
-        raise VideoError("file not found")
+        raise VideoError("not a regular file (a pipe, socket or device would block the decoder)")
     if not os.access(path, os.R_OK):
         raise VideoError("file is not readable (permissions)")
     if path.stat().st_size == 0:

@@ -16,11 +16,11 @@ import random
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator
 
 from preprocess import shard_format as fmt
 from preprocess import splits
