@@ -1,0 +1,40 @@
+"""``torchrun --nproc_per_node=N -m dist_train --shards shards/ --out runs/NAME`` (or plain ``python -m dist_train``).
+
+Exit statuses are listed in ``dist_train.faults`` (0 done, 75 stopped to be resumed, 2 bad config, 1 error).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from dist_train.config import parse_config
+from dist_train.faults import EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, ignore_stop_signals
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the config, train, map the outcome to an exit status."""
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from dist_train.train import run  # after parsing: --help and config errors stay fast
+
+    try:
+        code = run(cfg)
+        ignore_stop_signals()  # the work is done and saved: exit with this status, not by a late SIGTERM
+        return code
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted: no checkpoint written beyond the last one", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

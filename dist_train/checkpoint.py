@@ -1,0 +1,207 @@
+"""Checkpoints: atomic writes by rank 0, the run folder's layout, resume discovery and compatibility.
+
+Run folder::
+
+    OUT/checkpoints/step-00001234.pt   the newest ``--keep-last`` step checkpoints
+    OUT/last.pt                        the newest of them (hard link, or a copy where links fail)
+    OUT/best.pt                        the model with the best validation top-1 so far
+
+Every file is written as ``NAME.tmp`` and renamed with ``os.replace``, so a kill at any moment leaves
+the previous file intact; leftover ``*.tmp`` files are deleted by ``clean_tmp`` when a run starts.
+Rank 0 writes, then all ranks meet at a barrier.
+
+A checkpoint is a dict of tensors and plain Python values (loadable with ``weights_only=True``):
+``format_version``, ``model`` (unwrapped state dict: no ``module.``/``_orig_mod.`` prefixes),
+``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the epoch being trained), ``step_in_epoch``
+(optimizer steps of that epoch already done), ``step`` (global optimizer steps), ``data`` (per-rank
+data positions, see ``dist_train.data``), ``rng`` (per-rank RNG states), ``history`` (per-epoch
+metrics), ``best`` (best validation top-1 and its epoch), ``config`` (resolved), ``classes``,
+``world_size``, ``wandb_run_id``, ``kind`` (``"last"`` or ``"best"``) and ``time``.
+
+Test hook: ``DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME=SECONDS`` makes rank 0 print
+``checkpoint-tmp-written PATH`` to stderr and sleep that long between writing a temp file and renaming
+it, so a test can kill the run in the middle of a checkpoint write.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"
+STEP_DIR = "checkpoints"
+LAST, BEST = "last.pt", "best.pt"
+# Config fields that change the model's parameters: a checkpoint must agree on all of them.
+MODEL_FIELDS = ("model", "rnn", "hidden_size", "rnn_layers", "bidirectional", "head")
+REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "config", "classes")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit the model or data of this run; the message says what differs."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def _pause_hook(tmp: Path) -> None:
+    delay = float(os.environ.get("DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME", "0") or 0)
+    if delay > 0:
+        print(f"checkpoint-tmp-written {tmp}", file=sys.stderr, flush=True)
+        time.sleep(delay)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _pause_hook(tmp)
+    os.replace(tmp, path)
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copy2(src, tmp)
+    _pause_hook(tmp)
+    os.replace(tmp, dst)
+
+
+def step_path(out: Path, step: int) -> Path:
+    """Where the step checkpoint of ``step`` lives."""
+    return Path(out) / STEP_DIR / f"step-{step:08d}.pt"
+
+
+def save_last(state: dict, out: Path, keep_last: int) -> Path:
+    """Write the step checkpoint, point last.pt at it and prune old ones (call on rank 0 only)."""
+    path = step_path(out, state["step"])
+    atomic_save({**state, "kind": "last"}, path)
+    _link_atomic(path, Path(out) / LAST)
+    for old in sorted((Path(out) / STEP_DIR).glob("step-*.pt"))[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def save_best(state: dict, out: Path) -> Path:
+    """Write best.pt (call on rank 0 only)."""
+    path = Path(out) / BEST
+    atomic_save({**state, "kind": "best"}, path)
+    return path
+
+
+def clean_tmp(out: Path) -> list[Path]:
+    """Delete incomplete ``*.tmp`` checkpoint files left by a killed run; returns what was removed."""
+    out = Path(out)
+    found = [p for d in (out, out / STEP_DIR) if d.is_dir() for p in d.glob(f"*.pt{TMP_SUFFIX}")]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load with ``weights_only=True`` on the CPU; ValueError when it is not one of our checkpoints."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise ValueError(f"{path} is not a dist_train checkpoint (keys {REQUIRED_KEYS} expected)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path} has checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
+    return ckpt
+
+
+def checkpoint_candidates(out: Path) -> list[Path]:
+    """Resumable files in a run folder, newest first (step checkpoints, then last.pt)."""
+    out = Path(out)
+    steps = sorted((out / STEP_DIR).glob("step-*.pt"), reverse=True) if (out / STEP_DIR).is_dir() else []
+    last = [out / LAST] if (out / LAST).is_file() else []
+    return steps + last
+
+
+def find_resume(out: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in ``out`` that loads, and why newer ones were passed over."""
+    problems = []
+    for path in checkpoint_candidates(out):
+        try:
+            load_checkpoint(path)
+            return path, problems
+        except (ValueError, OSError) as e:
+            problems.append(f"{path}: {e}")
+    return None, problems
+
+
+def check_compatible(ckpt: dict, config: dict, classes: list[str], model: torch.nn.Module, source: str) -> None:
+    """Raise CheckpointMismatch saying what differs between ``ckpt`` and this run's model/classes."""
+    diffs = []
+    if list(ckpt["classes"]) != list(classes):
+        diffs.append(f"class list: checkpoint {list(ckpt['classes'])}, shards {list(classes)}")
+    for key in MODEL_FIELDS:
+        theirs, ours = ckpt["config"].get(key), config.get(key)
+        if theirs != ours:
+            diffs.append(f"{key}: checkpoint {theirs!r}, this run {ours!r}")
+    own = model.state_dict()
+    theirs_sd = ckpt["model"]
+    missing, unexpected = sorted(set(own) - set(theirs_sd)), sorted(set(theirs_sd) - set(own))
+    if missing:
+        diffs.append(f"parameters missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        diffs.append(f"parameters this model lacks: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    shapes = [f"{k} {tuple(theirs_sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in theirs_sd and tuple(theirs_sd[k].shape) != tuple(v.shape)]
+    if shapes:
+        diffs.append("shapes (checkpoint vs this model): " + "; ".join(shapes[:5]))
+    if diffs:
+        raise CheckpointMismatch(
+            f"checkpoint {source} does not fit this run:\n  " + "\n  ".join(diffs)
+            + "\nUse a matching --model/--hidden-size/... and shard folder, or a new --out (or --resume never --overwrite)."
+        )

@@ -1,0 +1,234 @@
+"""The trainer's one config: a dataclass, its command line and its optional YAML/TOML/JSON file.
+
+Precedence: command-line flags > config file (``--config FILE``) > the dataclass defaults.
+Every field is a flag (``hidden_size`` -> ``--hidden-size``; booleans also take ``--no-...``),
+and a config file uses the field names (dashes or underscores). ``config.json`` in a run folder is a
+valid config file, so ``--config runs/exp1/config.json`` repeats a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+MODEL_NAMES = ("cnn_rnn", "r3d_18", "mc3_18", "r2plus1d_18")  # kept equal to models.MODELS by a test
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; checked on creation with errors that say what to change."""
+
+    # data and run folder
+    shards: str = _f("shards", "shard folder holding manifest.json (made by python -m preprocess.shard)")
+    out: str = _f("", "run folder for checkpoints, logs, metrics.jsonl, plots and results.json (required)")
+    img_size: int = _f(112, "training crop size in pixels (square); evaluation resizes the short side and centre-crops")
+    crop_scale: float = _f(0.5, "smallest area fraction of the random resized crop (the same crop for every frame of a clip)")
+    hflip: bool = _f(True, "random horizontal flip of whole clips; turn off when classes depend on left/right direction")
+    workers: int = _f(4, "DataLoader worker processes per training process (0 = load in the main process)")
+    shuffle_buffer: int = _f(256, "samples in each worker's shuffle buffer (0 = keep shard order)")
+    decode: str = _f("cpu", "where JPEG frames are decoded: cpu (in the DataLoader workers) or gpu "
+                            "(batched nvjpeg in the training process, CPU fallback)", ("cpu", "gpu"))
+    on_bad_sample: str = _f("skip", "a corrupt sample or truncated shard: skip it and count it (logged with the "
+                                    "shard name) or stop with an error naming the shard", ("skip", "error"))
+    val_fraction: float = _f(0.1, "fraction of the train shards held out (whole shards) as the validation set that "
+                                   "selects best.pt; 0 = no validation set, best.pt is then the final model")
+    test_every: int = _f(1, "also evaluate the test split every N epochs for the curves (0 = only at the end; "
+                            "never used for model selection)")
+    # model
+    model: str = _f("cnn_rnn", "model architecture", MODEL_NAMES)
+    pretrained: str | None = _f(None, "pretrained weights: imagenet (cnn_rnn), kinetics (3D CNNs) or a state-dict path; "
+                                      "read from the torch hub cache, never downloaded")
+    freeze_trunk: bool = _f(False, "freeze the backbone (train only the RNN and head / the final layer)")
+    trunk_lr_scale: float = _f(1.0, "learning-rate multiplier for the backbone (e.g. 0.1 for a pretrained trunk)")
+    rnn: str = _f("lstm", "recurrent layer of cnn_rnn", ("lstm", "gru"))
+    hidden_size: int = _f(256, "RNN hidden size (cnn_rnn)")
+    rnn_layers: int = _f(1, "stacked RNN layers (cnn_rnn)")
+    bidirectional: bool = _f(False, "bidirectional RNN (cnn_rnn)")
+    dropout: float = _f(0.0, "dropout before the classifier (and between stacked RNN layers)")
+    head: str = _f("last", "cnn_rnn classifies the last RNN state or the temporal mean of the outputs", ("last", "mean"))
+    # optimisation
+    epochs: int = _f(30, "training epochs")
+    batch_size: int = _f(8, "clips per process per micro-batch (global batch = batch_size x accum_steps x processes)")
+    accum_steps: int = _f(1, "micro-batches accumulated (without gradient all-reduce) per optimizer step")
+    optimizer: str = _f("adamw", "optimizer", ("adamw", "sgd"))
+    lr: float = _f(3e-4, "peak learning rate")
+    weight_decay: float = _f(0.01, "weight decay")
+    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
+    scheduler: str = _f("cosine", "LR schedule: linear warmup then cosine decay per step; ReduceLROnPlateau on "
+                                  "validation loss per epoch; or warmup then constant", ("cosine", "plateau", "constant"))
+    warmup_epochs: float = _f(1.0, "linear warmup length in epochs (cosine and constant schedules)")
+    min_lr_ratio: float = _f(0.01, "final learning rate of the cosine schedule as a fraction of --lr")
+    plateau_factor: float = _f(0.5, "ReduceLROnPlateau: factor applied to the LR")
+    plateau_patience: int = _f(2, "ReduceLROnPlateau: epochs without improvement before the LR drops")
+    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy loss")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)")
+    precision: str = _f("auto", "fp32, bf16 or fp16 (autocast; fp16 uses a GradScaler); auto = bf16 on CUDA GPUs "
+                                "that support it, else fp32", ("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = _f(True, "channels-last memory format for the convolutions")
+    compile: bool = _f(False, "torch.compile the model")
+    seed: int = _f(0, "random seed (model init; data order and augmentation derive from it per rank and worker)")
+    # checkpoints and restarts
+    resume: str = _f("auto", "auto: continue from the newest valid checkpoint in --out if any; never: start fresh "
+                             "(refuses a folder with checkpoints unless --overwrite); or a checkpoint PATH")
+    overwrite: bool = _f(False, "with --resume never: allow starting over in a run folder that holds checkpoints")
+    ckpt_every_steps: int = _f(0, "also save last.pt every N optimizer steps (0 = only at epoch ends and on stop)")
+    ckpt_every_minutes: float = _f(15.0, "also save last.pt when this many minutes passed since the last save (0 = off)")
+    keep_last: int = _f(3, "step checkpoints kept in OUT/checkpoints/ (last.pt always points at the newest)")
+    # logging
+    wandb: str = _f("auto", "Weights & Biases mode; auto = online when credentials exist, else offline",
+                    ("auto", "online", "offline", "disabled"))
+    wandb_project: str = _f("vidshard", "W&B project")
+    wandb_entity: str | None = _f(None, "W&B entity (team or user); default: the account's default")
+    wandb_init_timeout: float = _f(30.0, "seconds W&B online may take to start before falling back to offline")
+    run_name: str | None = _f(None, "run name shown in W&B (default: the name of the --out folder)")
+    log_every: int = _f(10, "log training metrics every N optimizer steps")
+    progress: bool = _f(True, "tqdm progress bar on rank 0")
+    dist_timeout: float = _f(600.0, "seconds a collective may wait before the process group reports a hang")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pretrained, str) and self.pretrained.lower() in ("", "none"):
+            self.pretrained = None
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        checks = [
+            (self.out != "", "--out is required: the run folder for checkpoints and logs (e.g. --out runs/exp1)"),
+            (self.img_size >= 8, f"--img-size must be >= 8 pixels, got {self.img_size}"),
+            (0.0 < self.crop_scale <= 1.0, f"--crop-scale must be in (0, 1], got {self.crop_scale}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.shuffle_buffer >= 0, f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.test_every >= 0, f"--test-every must be >= 0 (0 = only at the end), got {self.test_every}"),
+            (0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.trunk_lr_scale >= 0.0, f"--trunk-lr-scale must be >= 0, got {self.trunk_lr_scale}"),
+            (self.hidden_size >= 1, f"--hidden-size must be >= 1, got {self.hidden_size}"),
+            (self.rnn_layers >= 1, f"--rnn-layers must be >= 1, got {self.rnn_layers}"),
+            (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (clips per process), got {self.batch_size}"),
+            (self.accum_steps >= 1, f"--accum-steps must be >= 1, got {self.accum_steps}"),
+            (self.lr > 0.0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0.0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (self.warmup_epochs >= 0.0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (0.0 < self.plateau_factor < 1.0, f"--plateau-factor must be in (0, 1), got {self.plateau_factor}"),
+            (self.plateau_patience >= 0, f"--plateau-patience must be >= 0, got {self.plateau_patience}"),
+            (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.grad_clip >= 0.0, f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (self.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0 (0 = off), got {self.ckpt_every_steps}"),
+            (self.ckpt_every_minutes >= 0.0, f"--ckpt-every-minutes must be >= 0 (0 = off), got {self.ckpt_every_minutes}"),
+            (self.keep_last >= 1, f"--keep-last must be >= 1 (the newest checkpoint is what a restart resumes from), got {self.keep_last}"),
+            (self.wandb_init_timeout > 0.0, f"--wandb-init-timeout must be > 0 seconds, got {self.wandb_init_timeout}"),
+            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.dist_timeout > 0.0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (self.model == "cnn_rnn" or self.pretrained != "imagenet",
+             f"--pretrained imagenet is for cnn_rnn's ResNet18; {self.model} takes --pretrained kinetics or a path"),
+            (self.model != "cnn_rnn" or self.pretrained != "kinetics",
+             "--pretrained kinetics is for the 3D CNNs; cnn_rnn takes --pretrained imagenet or a path"),
+            (not (self.freeze_trunk and self.trunk_lr_scale != 1.0),
+             "--freeze-trunk and --trunk-lr-scale contradict each other: a frozen trunk has no learning rate"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def to_dict(self) -> dict:
+        """Plain dict of all fields (JSON-, YAML- and checkpoint-safe)."""
+        return asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_type(f) -> type:
+    default = f.default
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command line with one flag per config field; unset flags stay absent so the file can fill them."""
+    p = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=N -m dist_train",
+        description="Train a video classifier on WebDataset shards with DDP (also runs as plain "
+                    "`python -m dist_train`). Flags override --config FILE, which overrides the defaults.",
+        epilog="Exit status: 0 finished; 75 stopped by a signal after saving a checkpoint (resume with the same "
+               "command; see OUT/status.json under torchrun); 2 bad configuration; 1 any other error.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file of config fields (default: none)")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kind = _field_type(f)
+        if kind is bool:
+            p.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            p.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, choices=f.metadata.get("choices"),
+                           help=help_text, metavar=None if f.metadata.get("choices") else f.name.upper())
+    return p
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Field values from a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"--config {path}: unknown file type {suffix!r}; use .yaml, .yml, .toml or .json")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"--config {path} cannot be parsed: {e}") from e
+    except Exception as e:  # yaml.YAMLError without importing yaml at module level
+        if type(e).__module__.startswith("yaml"):
+            raise ValueError(f"--config {path} cannot be parsed: {e}") from e
+        raise
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of field names to values, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
+    return data
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the config file, then the flags; raises ValueError with what to change."""
+    args = vars(build_parser().parse_args(argv))
+    values = load_config_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    types = {f.name: _field_type(f) for f in fields(TrainConfig)}
+    for name, value in values.items():
+        kind = types[name]
+        if kind is float and type(value) is int:
+            values[name] = float(value)
+        elif value is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+            raise ValueError(f"config field {name} must be {kind.__name__}, got {value!r}")
+    return TrainConfig(**values)

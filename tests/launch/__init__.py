@@ -1,0 +1,1 @@
+"""Tests of launch/: the SLURM scripts on a real two-node cluster."""
