@@ -16,6 +16,7 @@ A checkpoint is a dict of tensors and plain Python values (loadable with ``weigh
 (optimizer steps of that epoch already done), ``step`` (global optimizer steps), ``data`` (per-rank
 data positions, see ``dist_train.data``), ``rng`` (per-rank RNG states), ``history`` (per-epoch
 metrics), ``best`` (best validation top-1 and its epoch), ``config`` (resolved), ``classes``,
+``packing`` (frames, short_side, quality, min_frames of the shards: how predict prepares raw videos),
 ``world_size``, ``wandb_run_id``, ``kind`` (``"last"`` or ``"best"``) and ``time``.
 
 Test hook: ``DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME=SECONDS`` makes rank 0 print
@@ -205,3 +206,16 @@ def check_compatible(ckpt: dict, config: dict, classes: list[str], model: torch.
             f"checkpoint {source} does not fit this run:\n  " + "\n  ".join(diffs)
             + "\nUse a matching --model/--hidden-size/... and shard folder, or a new --out (or --resume never --overwrite)."
         )
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The model stored in a training checkpoint (eval mode, CPU) and the checkpoint itself."""
+    from dist_train.models import build_model
+
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = build_model(cfg["model"], len(ckpt["classes"]), rnn=cfg["rnn"], hidden=cfg["hidden_size"],
+                        layers=cfg["rnn_layers"], bidirectional=cfg["bidirectional"], dropout=cfg["dropout"],
+                        head=cfg["head"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dist_train import checkpoint as ckpt_io
 from dist_train.data import normalization
-from dist_train.models import build_model, input_layout
+from dist_train.models import input_layout
 
 FORMATS = ("torchscript", "onnx")
 INPUT, OUTPUT = "clips", "logits"
@@ -123,17 +123,6 @@ def export(model: nn.Module, layout: str, example: Tensor, fmt: str, out: Path) 
     return diff
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """The model stored in a training checkpoint (eval mode, CPU) and the checkpoint itself."""
-    ckpt = ckpt_io.load_checkpoint(path)
-    cfg = ckpt["config"]
-    model = build_model(cfg["model"], len(ckpt["classes"]), rnn=cfg["rnn"], hidden=cfg["hidden_size"],
-                        layers=cfg["rnn_layers"], bidirectional=cfg["bidirectional"], dropout=cfg["dropout"],
-                        head=cfg["head"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
-
-
 def sample_input(model_name: str, batch: int, frames: int, size: int, seed: int = 0) -> Tensor:
     """A reproducible random clip batch in ``model_name``'s layout (normalised-data scale)."""
     g = torch.Generator().manual_seed(seed)
@@ -164,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.format == "onnx":
             _require_onnx()
-        model, ckpt = load_model(a.checkpoint)
+        model, ckpt = ckpt_io.load_model(a.checkpoint)
     except (MissingExtra, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"export: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

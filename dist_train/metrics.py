@@ -192,23 +192,7 @@ class RunLogger(NullLogger):
             fig.savefig(paths["curves"], dpi=100)
             plt.close(fig)
         for split, matrix in confusions.items():
-            n = len(classes)
-            fig, ax = plt.subplots(figsize=(max(4, 0.3 * n + 3), max(4, 0.3 * n + 3)))
-            ax.imshow(matrix, cmap="Blues")
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
-            ax.set_title(f"confusion matrix ({split})")
-            if n <= 60:
-                ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-                ax.set_yticks(range(n), classes, fontsize=7)
-            if n <= 12:
-                for i in range(n):
-                    for j in range(n):
-                        ax.text(j, i, str(int(matrix[i][j])), ha="center", va="center", fontsize=8)
-            fig.tight_layout()
-            paths[split] = self.out / f"confusion_{split}.png"
-            fig.savefig(paths[split], dpi=100)
-            plt.close(fig)
+            paths[split] = save_confusion_png(matrix, classes, self.out / f"confusion_{split}.png", split)
         return paths
 
     def results(self, results: dict) -> None:
@@ -236,3 +220,29 @@ def make_logger(is_main: bool, out: Path, config: dict, wandb_mode: str, run_id:
     if not is_main:
         return NullLogger()
     return RunLogger(out, config, wandb_mode, run_id, **kw)
+
+
+def save_confusion_png(matrix: list[list[int]], classes: list[str], path: Path, title: str) -> Path:
+    """Write a confusion matrix (rows: true class, columns: predicted) as a PNG; returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * n + 3), max(4, 0.3 * n + 3)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix ({title})")
+    if n <= 60:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(matrix[i][j])), ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

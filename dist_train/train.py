@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train import checkpoint as ckpt_io
-from dist_train import data
+from dist_train import data, evaluation
 from dist_train.config import TrainConfig
 from dist_train.distributed import (
     DistInfo,
@@ -120,6 +120,9 @@ class Trainer:
         try:
             manifest = load_manifest(cfg.shards)
             self.classes = manifest.classes
+            # How the frames were packed: predict.py prepares raw videos exactly the same way.
+            self.packing = {"frames": manifest.n_frames,
+                            **{k: manifest.args.get(k) for k in ("short_side", "quality", "min_frames")}}
             self.plan = data.make_plan(manifest, info.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers,
                                        cfg.val_fraction)
             cfg = replace(cfg, precision=resolve_precision(cfg.precision, info.device),
@@ -153,8 +156,7 @@ class Trainer:
         n_frames = manifest.n_frames
         self.train_spec = data.SampleSpec(n_frames, len(self.classes), data.ClipTransform(
             cfg.img_size, True, cfg.crop_scale, cfg.hflip), cfg.on_bad_sample, cfg.decode)
-        self.eval_spec = data.SampleSpec(n_frames, len(self.classes), data.ClipTransform(cfg.img_size, False),
-                                         cfg.on_bad_sample, cfg.decode)
+        self.eval_spec = evaluation.eval_spec(n_frames, len(self.classes), cfg.img_size, cfg.on_bad_sample, cfg.decode)
         self.state = TrainState()
         self.epoch_sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss*n, top1, top5, n (local)
         self.positions: list[int] | None = None  # this rank's data positions for a mid-epoch resume
@@ -248,7 +250,8 @@ class Trainer:
                 "epoch": self.state.epoch, "step": self.state.step, "step_in_epoch": self.state.step_in_epoch,
                 "state": {**asdict(self.state), "epoch_sums": sums.tolist()},
                 "data": [r["data"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
-                "config": self.cfg.to_dict(), "classes": list(self.classes), "world_size": self.info.world_size,
+                "config": self.cfg.to_dict(), "classes": list(self.classes), "packing": self.packing,
+                "world_size": self.info.world_size,
                 "wandb_run_id": self.log.run_id, "time": time.time(),
             }
             path = ckpt_io.save_last(state, self.out, self.cfg.keep_last)
@@ -355,7 +358,19 @@ class Trainer:
             if flags[1] and st.step_in_epoch < spe:
                 self.save()
         self.log.end_progress()
+        self._sync_buffers()
         return True
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does at the start of each forward.
+
+        After an epoch's last step each rank still holds the statistics of its own last batches, so the
+        end-of-epoch evaluation (each rank evaluates its own shards) would mix models, and differ from a
+        run resumed at that step, where every rank loads rank 0's checkpoint.
+        """
+        if self.ddp is not None:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
 
     def _batch_stats(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         k = min(5, logits.shape[1])
@@ -417,44 +432,14 @@ class Trainer:
         for key, path in plots.items():
             self.log.log_image(f"plots/{key}", path, st.step)
 
-    @torch.no_grad()
     def evaluate(self, split: str, shards) -> dict:
         """Loss, top-1/5, per-class accuracy and confusion matrix of ``shards``, each sample once over all ranks."""
-        dev, c = self.info.device, len(self.classes)
-        loader = data.eval_loader(shards, self.eval_spec, self.info.rank, self.info.world_size, self.cfg.batch_size,
-                                  self.cfg.workers, pin=dev.type == "cuda")
-        model = self.model  # the unwrapped module: no DDP hooks, ranks may see different batch counts
-        model.eval()
-        confusion = torch.zeros(c * c, dtype=torch.float64, device=dev)
-        extra = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, top5, unreadable
-        bad: list[dict] = []
-        for batch in loader:
-            video, labels, bad_here = data.materialize(batch, self.eval_spec, dev)
-            bad += bad_here
-            extra[2] += sum(b["count"] for b in bad_here)
-            if labels.numel() == 0:
-                continue
-            with self._autocast():
-                logits = model(data.to_model_input(video, self.layout, self.stats))
-            logits = logits.float()
-            extra[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-            extra[1] += logits.topk(min(5, c), 1).indices.eq(labels[:, None]).any(1).sum().double()
-            confusion += torch.bincount(labels * c + logits.argmax(1), minlength=c * c).double()
-        model.train()
-        totals = all_reduce(torch.cat([confusion, extra]))
-        matrix = totals[: c * c].view(c, c).long().cpu()
-        loss_sum, top5, unreadable = totals[c * c:].tolist()
-        n, expected = int(matrix.sum()), sum(s.count for s in shards)
-        if unreadable:
-            for r in [r for records in all_gather_object(bad) for r in records][:20]:
-                self.log.info(f"{split}: unreadable data: shard {r['shard']} sample {r['key']}: {r['reason']}")
-        if n + int(unreadable) != expected:
-            raise RuntimeError(f"{split}: evaluated {n} clips and {int(unreadable)} were unreadable, but manifest.json "
-                               f"lists {expected}: the evaluation data plan lost or repeated samples")
-        per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
-        result = {"loss": loss_sum / max(n, 1), "top1": float(matrix.diag().sum()) / max(n, 1),
-                  "top5": top5 / max(n, 1), "n_samples": n, "unreadable": int(unreadable),
-                  "per_class": dict(zip(self.classes, per_class)), "confusion": matrix.tolist()}
+        result = evaluation.evaluate_shards(
+            self.model, shards, self.eval_spec, classes=self.classes, layout=self.layout, stats=self.stats,
+            device=self.info.device, rank=self.info.rank, world_size=self.info.world_size,
+            batch_size=self.cfg.batch_size, workers=self.cfg.workers, autocast=self._autocast(), split=split)
+        for r in result.pop("bad")[:20]:
+            self.log.info(f"{split}: unreadable data: shard {r['shard']} sample {r['key']}: {r['reason']}")
         scalars = {f"{split}/{k}": result[k] for k in ("loss", "top1", "top5", "n_samples", "unreadable")}
         scalars.update({f"{split}/class_acc/{name}": acc for name, acc in result["per_class"].items()})
         self.log.log(scalars, self.state.step)

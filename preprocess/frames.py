@@ -156,6 +156,13 @@ def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_f
     )
 
 
+def read_clip_jpegs(path: str | Path, n_frames: int = 16, short_side: int = 128, quality: int = 90,
+                    min_frames: int = 1) -> tuple[Clip, list[bytes]]:
+    """``read_clip`` plus the JPEG encoding of its frames: exactly what a packed sample holds."""
+    clip = read_clip(path, n_frames, short_side, min_frames)
+    return clip, [encode_jpeg(f, quality) for f in clip.frames]
+
+
 def is_video_name(name: str) -> bool:
     """True for file names with a video extension this tool looks at."""
     return name.lower().endswith(VIDEO_EXTENSIONS)

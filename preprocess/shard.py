@@ -24,7 +24,7 @@ from pathlib import Path
 
 from preprocess import shard_format as fmt
 from preprocess import splits
-from preprocess.frames import VideoError, encode_jpeg, is_video_name, read_clip
+from preprocess.frames import VideoError, is_video_name, read_clip_jpegs
 
 
 @dataclass
@@ -137,8 +137,7 @@ def assign_splits(cfg: PackConfig, classes: list[str], items: list[Item]) -> tup
 def encode_item(item: Item, frames: int, short_side: int, quality: int, min_frames: int):
     """Decode one video into JPEG frames + metadata, or return the reason it is skipped."""
     try:
-        clip = read_clip(Path(_ROOT) / item.rel, frames, short_side, min_frames)
-        jpegs = [encode_jpeg(f, quality) for f in clip.frames]
+        clip, jpegs = read_clip_jpegs(Path(_ROOT) / item.rel, frames, short_side, quality, min_frames)
     except VideoError as e:
         return str(e)
     except Exception as e:  # a decoder crash on one file must not stop the whole run

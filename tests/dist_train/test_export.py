@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dist_train import checkpoint as ckpt_io
+from dist_train.checkpoint import load_model
 from dist_train.config import TrainConfig
-from dist_train.export import INPUT, MissingExtra, export, load_model, main, sample_input
+from dist_train.export import INPUT, MissingExtra, export, main, sample_input
 from dist_train.models import build_model, input_layout
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,30 +13,11 @@ from dist_train import data
 from dist_train.distributed import seed_everything
 from dist_train.models import build_model, input_layout
 from preprocess.shard_format import load_manifest
-from tests.conftest import make_shards, make_videos
+from tests.conftest import make_shards
+from tests.dist_train.conftest import EPOCHS
 from tests.dist_train.dt_helpers import TINY, check, results, run_trainer, wandb_run_contents
 
 pytestmark = pytest.mark.slow
-
-EPOCHS = 4
-
-
-@pytest.fixture(scope="module")
-def learn_shards(tmp_path_factory) -> Path:
-    """grow vs shrink (classes differ only in time), 24 clips each: 27 train + 6 val / 15 test."""
-    videos = make_videos(tmp_path_factory.mktemp("learn_videos") / "data", clips=24)
-    return make_shards(videos, tmp_path_factory.mktemp("learn_shards"), shard_size=6)
-
-
-@pytest.fixture(scope="module")
-def learned(learn_shards, tmp_path_factory) -> dict:
-    """One 2-process training run with W&B offline; several tests read what it left behind."""
-    out = tmp_path_factory.mktemp("learn_run") / "run"
-    wandb_dir = tmp_path_factory.mktemp("wandb")
-    args = ["--shards", str(learn_shards), "--out", str(out), *TINY, "--epochs", str(EPOCHS), "--workers", "1",
-            "--lr", "1e-3", "--val-fraction", "0.2", "--wandb", "offline", "--log-every", "2"]
-    proc = check(run_trainer(args, env={"WANDB_DIR": str(wandb_dir), "WANDB_MODE": None, "WANDB_API_KEY": None}))
-    return {"out": out, "shards": learn_shards, "wandb_dir": wandb_dir, "proc": proc}
 
 
 def test_learns_temporal_order_above_chance_while_loss_falls(learned):

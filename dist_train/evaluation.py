@@ -1,0 +1,131 @@
+"""Evaluation of a model over shards: every sample exactly once across ranks, counts checked.
+
+The trainer's per-epoch and final evaluations and ``python -m dist_train.evaluate`` all go through
+``evaluate_shards``, so their numbers agree by construction.
+
+Views: one view is the centre crop the trainer evaluates on. ``views=3`` adds the two ends of the
+long side (three spatial crops of the same frames) and averages the class probabilities. Temporal
+views need more stored frames than the model takes; packed shards hold exactly the clip the model
+was trained on, so evaluation always uses one temporal view and says so.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from dist_train import data
+from dist_train.distributed import all_gather_object, all_reduce
+
+
+@dataclass(frozen=True)
+class SpatialViews(data.ClipTransform):
+    """Resize the short side, then crop ``views`` squares along the long side: ``[V, T, 3, S, S]``."""
+
+    views: int = 3
+
+    def __call__(self, clip: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        clip = TF.resize(clip, [self.size], antialias=True)
+        h, w = clip.shape[-2:]
+        s = self.size
+        if self.views == 1:
+            return TF.center_crop(clip, [s, s])[None]
+        crops = []
+        for v in range(self.views):
+            top = (h - s) * v // (self.views - 1) if h > w else (h - s) // 2
+            left = (w - s) * v // (self.views - 1) if w >= h else (w - s) // 2
+            crops.append(clip[..., top:top + s, left:left + s])
+        return torch.stack(crops)
+
+
+def eval_spec(n_frames: int, num_classes: int, img_size: int, on_bad: str, decode: str = "cpu",
+              views: int = 1) -> data.SampleSpec:
+    """How evaluation turns samples into clips: the centre crop, or ``views`` spatial crops."""
+    transform = data.ClipTransform(img_size, False) if views == 1 else SpatialViews(img_size, False, views=views)
+    return data.SampleSpec(n_frames, num_classes, transform, on_bad, decode)
+
+
+def class_scores(model: torch.nn.Module, video: torch.Tensor, layout: str, stats: tuple, autocast=None) -> torch.Tensor:
+    """Logits ``[B, C]`` of uint8 clips ``[B, T, 3, H, W]``; for ``[B, V, T, 3, H, W]`` the log of the
+    view-averaged probabilities (so softmax and argmax read the same way)."""
+    views = video.shape[1] if video.dim() == 6 else 0
+    x = video.flatten(0, 1) if views else video
+    with autocast or nullcontext():
+        logits = model(data.to_model_input(x, layout, stats)).float()
+    if not views:
+        return logits
+    return logits.view(video.shape[0], views, -1).softmax(-1).mean(1).log()
+
+
+@torch.no_grad()
+def evaluate_shards(model: torch.nn.Module, shards, spec: data.SampleSpec, *, classes: list[str], layout: str,
+                    stats: tuple, device: torch.device, rank: int = 0, world_size: int = 1, batch_size: int = 8,
+                    workers: int = 0, autocast=None, split: str = "test", keep_predictions: bool = False) -> dict:
+    """Loss, top-1/5, per-class accuracy and confusion matrix of ``shards`` (all ranks call this).
+
+    Each rank reads a disjoint share of the shards with the plain (unwrapped) model, so ranks may see
+    different batch counts; one SUM all-reduce combines them. Raises ``RuntimeError`` unless
+    evaluated + unreadable samples equal the manifest's count. ``bad`` lists unreadable samples
+    (all ranks'); ``predictions`` (with ``keep_predictions``) gives key, label, top-5 per sample.
+    """
+    c = len(classes)
+    loader = data.eval_loader(shards, spec, rank, world_size, batch_size, workers, pin=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(c * c, dtype=torch.float64, device=device)
+    extra = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-5 hits, unreadable
+    bad: list[dict] = []
+    predictions: list[dict] = []
+    try:
+        for batch in loader:
+            video, labels, bad_here = data.materialize(batch, spec, device)
+            bad += bad_here
+            extra[2] += sum(b["count"] for b in bad_here)
+            if labels.numel() == 0:
+                continue
+            scores = class_scores(model, video, layout, stats, autocast)
+            extra[0] += F.cross_entropy(scores, labels, reduction="sum").double()
+            top = scores.topk(min(5, c), 1)
+            extra[1] += top.indices.eq(labels[:, None]).any(1).sum().double()
+            confusion += torch.bincount(labels * c + scores.argmax(1), minlength=c * c).double()
+            keys = batch.get("keys", [])
+            if keep_predictions and len(keys) == len(labels):
+                probs = scores.softmax(-1).gather(1, top.indices)
+                for k, y, idx, p in zip(keys, labels.tolist(), top.indices.tolist(), probs.tolist()):
+                    predictions.append({"key": k, "label": y, "top": idx, "probs": p})
+    finally:
+        model.train(was_training)
+    totals = all_reduce(torch.cat([confusion, extra]))
+    matrix = totals[: c * c].view(c, c).long().cpu()
+    loss_sum, top5, unreadable = totals[c * c:].tolist()
+    n, expected = int(matrix.sum()), sum(s.count for s in shards)
+    if world_size > 1:
+        bad = [r for records in all_gather_object(bad) for r in records]
+        if keep_predictions:
+            predictions = [p for preds in all_gather_object(predictions) for p in preds]
+    if n + int(unreadable) != expected:
+        raise RuntimeError(f"{split}: evaluated {n} clips and {int(unreadable)} were unreadable, but manifest.json "
+                           f"lists {expected}: the evaluation data plan lost or repeated samples")
+    per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
+    result = {"loss": loss_sum / max(n, 1), "top1": float(matrix.diag().sum()) / max(n, 1),
+              "top5": top5 / max(n, 1), "n_samples": n, "unreadable": int(unreadable),
+              "per_class": dict(zip(classes, per_class)), "confusion": matrix.tolist(), "bad": bad}
+    if keep_predictions:
+        result["predictions"] = sorted(predictions, key=lambda p: p["key"])
+    return result
+
+
+def most_confused(confusion: list[list[int]], classes: list[str], k: int = 10) -> list[dict]:
+    """The ``k`` largest off-diagonal cells: true class, predicted class, count, share of the true class."""
+    cells = []
+    for i, row in enumerate(confusion):
+        total = sum(row)
+        for j, count in enumerate(row):
+            if i != j and count:
+                cells.append({"true": classes[i], "predicted": classes[j], "count": int(count),
+                              "fraction": count / total})
+    return sorted(cells, key=lambda x: (-x["count"], x["true"], x["predicted"]))[:k]
