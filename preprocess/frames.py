@@ -46,8 +46,15 @@ def resize_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
         return frame
     scale = short_side / min(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(frame, size, interpolation=interp)
+    if scale >= 1:
+        return cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
+    if scale > 0.5 and not (1 / scale).is_integer():
+        # INTER_AREA at a non-integer factor above 1/2 takes ~7x INTER_LINEAR (0.30 vs 0.04 ms for
+        # 320x240 -> 171x128); a 3x3 Gaussian pre-blur anti-aliases as well (47 dB PSNR against
+        # INTER_AREA) for 0.12 ms.
+        blurred = cv2.GaussianBlur(frame, (3, 3), 0.7 * (1 / scale - 1))
+        return cv2.resize(blurred, size, interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
 
 
 def encode_jpeg(frame_bgr: np.ndarray, quality: int = 90) -> bytes:
@@ -85,19 +92,21 @@ def _open(path: Path) -> cv2.VideoCapture:
         raise VideoError("file is not readable (permissions)")
     if path.stat().st_size == 0:
         raise VideoError("empty file (0 bytes)")
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    # One decoding thread: FFmpeg's default frame threads cost 30-60% more CPU per frame on small
+    # frames and compete with the worker processes, which are where parallelism comes from.
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():
         cap.release()
         raise VideoError("OpenCV/FFmpeg cannot open it (not a video, unsupported codec or damaged header)")
     return cap
 
 
-def _decode_pass(path: Path, wanted: set[int], short_side: int, stop_after: int | None) -> tuple[dict, int]:
-    """Decode ``path`` once, colour-converting and resizing only the ``wanted`` frames.
+def _decode_pass(cap: cv2.VideoCapture, wanted: set[int], short_side: int,
+                 stop_after: int | None) -> tuple[dict, int]:
+    """Decode from an opened capture (released here), colour-converting and resizing only ``wanted`` frames.
 
     Returns the kept frames by index and the number of frames that decoded (up to ``stop_after``).
     """
-    cap = _open(path)
     kept: dict[int, np.ndarray] = {}
     n = 0
     try:
@@ -121,14 +130,13 @@ def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_f
     Raises ``VideoError`` with the reason when the file cannot be used.
     """
     path = Path(path)
-    cap = _open(path)
+    cap = _open(path)  # one open serves the header and the first pass
     header = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
-    cap.release()
 
     guess = set(select_indices(header, n_frames)) if header > 0 else set()
-    kept, n_decoded = _decode_pass(path, guess, short_side, None)
+    kept, n_decoded = _decode_pass(cap, guess, short_side, None)
     passes = 1
     if n_decoded == 0:
         raise VideoError("no frame decodes (truncated, corrupt or not a video)")
@@ -138,7 +146,7 @@ def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_f
     missing = set(indices) - kept.keys()
     if missing:
         # The header count was wrong: fetch the right frames now that the real count is known.
-        extra, n2 = _decode_pass(path, missing, short_side, max(missing))
+        extra, n2 = _decode_pass(_open(path), missing, short_side, max(missing))
         passes = 2
         kept.update(extra)
         if set(indices) - kept.keys():
