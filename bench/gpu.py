@@ -1,0 +1,392 @@
+"""Benchmark 5 (GPU): training clips/s of the default model, synthetic and end-to-end from shards.
+
+    bash bench/gpu.sh [--batch 32] [--steps 30] [--workers N]      (one NVIDIA GPU, < 8 minutes)
+
+Model: the trainer's default ``cnn_rnn`` (ResNet18 + LSTM 256, 51 classes), clips 16 x 3 x 112 x 112,
+``--batch`` clips per step. One step = forward, label-smoothed cross-entropy, backward, gradient
+clipping and a fused AdamW step, as in ``dist_train.train``. Rows:
+
+    fp32 seed loop      the seed's model (bench.seed_model: trunk called once per frame), fp32
+    fp32 batched        ours, trunk once on all B*T frames, fp32 (cuDNN's default TF32 for convolutions)
+    fp32 batched, no TF32   the same with TF32 off everywhere (strict fp32, for reference)
+    bf16                ours under bf16 autocast
+    bf16 + channels_last
+    bf16 + channels_last + compile   torch.compile of the model
+
+Each row is timed on synthetic data already on the GPU and end to end: shards packed here from
+HMDB-like videos (bench.videos), read by ``dist_train.data.train_loader`` (CPU decode in DataLoader
+workers, pinned memory), moved and normalized as the trainer does; plus the best row with
+``--decode gpu`` (batched nvjpeg). Also: JPEG decode frames/s, CPU (one thread) vs batched on the GPU.
+
+Floors (issue 6): best end-to-end >= 0.9x its synthetic figure; best end-to-end >= 4x the fp32
+seed loop at the same batch. Writes bench/results/gpu.json (and --out DIR/gpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench import WORK, check, result, write_result
+
+NAME = "gpu"
+FRAMES, SIZE, CLASSES = 16, 112, 51
+
+
+def tf32_state() -> dict:
+    """PyTorch's TF32 switches as they are now."""
+    s = {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+         "cudnn.allow_tf32 (convolutions)": torch.backends.cudnn.allow_tf32,
+         "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    for name, obj in (("cuda.matmul.fp32_precision", getattr(torch.backends.cuda.matmul, "fp32_precision", None)),
+                      ("cudnn.conv.fp32_precision", getattr(getattr(torch.backends.cudnn, "conv", None),
+                                                            "fp32_precision", None))):
+        if obj is not None:
+            s[name] = obj
+    return s
+
+
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def build(variant: dict, device: torch.device) -> nn.Module:
+    from dist_train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn_rnn", CLASSES)
+    if variant.get("seed_loop"):
+        from bench.seed_model import seed_like
+
+        model = seed_like(model, dropout=0.0)
+    model = model.to(device)
+    if variant.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    return model
+
+
+class Stepper:
+    """One training step of ``model`` as dist_train.train does it."""
+
+    def __init__(self, model: nn.Module, variant: dict, device: torch.device):
+        self.model = torch.compile(model) if variant.get("compile") else model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+        self.crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.bf16 = variant.get("bf16", False)
+        self.device = device
+        self.params = list(model.parameters())
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with ctx:
+            logits = self.model(x)
+        loss = self.crit(logits.float(), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_synthetic(step: Stepper, batch: int, steps: int, warmup: int, device: torch.device) -> float:
+    """clips/s on random normalized clips already on the device (several buffers, rotated)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    xs = [torch.randn(batch, FRAMES, 3, SIZE, SIZE, device=device, generator=g) for _ in range(2)]
+    ys = [torch.randint(0, CLASSES, (batch,), device=device, generator=g) for _ in range(2)]
+    for i in range(warmup):
+        step(xs[i % 2], ys[i % 2])
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(xs[i % 2], ys[i % 2])
+    sync(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def time_end_to_end(step: Stepper | None, batches, spec, steps: int, warmup: int, device: torch.device) -> dict:
+    """clips/s reading batches from ``batches`` (a live loader iterator), as the trainer feeds its step.
+
+    ``warmup`` batches are consumed untimed first: make it larger than what the workers may have
+    prefetched (2 per worker), so the timing sees the loader's steady rate, not its buffer.
+    ``step=None`` times the loader alone (batches moved and normalized on the device, no model).
+    """
+    from dist_train import data as D
+
+    stats = D.normalization("cnn_rnn")
+    wait = 0.0
+
+    def one():
+        nonlocal wait
+        t = time.perf_counter()
+        b = next(batches)
+        wait += time.perf_counter() - t
+        video, labels, _ = D.materialize(b, spec, device)
+        x = D.to_model_input(video, "BTCHW", stats)
+        if step is not None:
+            step(x, labels)
+        return labels.shape[0]
+
+    for _ in range(warmup):
+        one()
+    sync(device)
+    wait = 0.0
+    t0 = time.perf_counter()
+    clips = sum(one() for _ in range(steps))
+    sync(device)
+    dt = time.perf_counter() - t0
+    return {"clips_per_s": clips / dt, "data_wait_frac": wait / dt}
+
+
+def make_shards(videos: int, workers: int) -> Path:
+    """HMDB-like videos packed with the defaults, made here (cached in bench/work)."""
+    from bench.videos import ensure_videos
+    from preprocess.shard import PackConfig, pack
+
+    out = WORK / f"gpu-shards-{videos}"
+    if not (out / "manifest.json").is_file():
+        src = ensure_videos(videos, workers=workers)
+        pack(PackConfig(str(src), str(out), workers=workers, progress=False, shard_size=50))
+    return out
+
+
+def loader_iter(shards: Path, batch: int, workers: int, decode: str, steps: int):
+    """An endless-enough training loader (the train shards listed many times over)."""
+    from dist_train import data as D
+    from preprocess.shard_format import load_manifest
+
+    m = load_manifest(shards)
+    base = [D.Shard(u, s.count) for u, s in zip(m.urls("train"), m.shards["train"])]
+    n = sum(s.count for s in base)
+    reps = max(1, -(-(steps * batch) // n) + 1)
+    plan = D.DataPlan(tuple(base * reps), (), (), 1, batch, 1, workers)
+    spec = D.SampleSpec(m.n_frames, m.num_classes, D.ClipTransform(SIZE, train=True), "skip", decode=decode)
+    loader = D.train_loader(plan, spec, rank=0, epoch=0, seed=0, shuffle_buffer=64, pin=True)
+    return iter(loader), spec
+
+
+def jpeg_decode(shards: Path, device: torch.device, n: int = 2048) -> dict:
+    """frames/s of decode_jpegs on the CPU (one thread) and batched on the GPU, same frames."""
+    import tarfile
+
+    from dist_train.data import decode_jpegs
+
+    frames = []
+    for tar in sorted(shards.glob("train-*.tar")):
+        with tarfile.open(tar) as t:
+            frames += [t.extractfile(m).read() for m in t if m.name.endswith(".jpg")]
+        if len(frames) >= n:
+            break
+    frames = (frames * (n // max(1, len(frames)) + 1))[:n]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    decode_jpegs(frames[:64])
+    t0 = time.perf_counter()
+    decode_jpegs(frames)
+    cpu = n / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    out = {"frames": n, "cpu_1thread_fps": round(cpu, 1)}
+    if device.type == "cuda":
+        for bs in (512,):
+            decode_jpegs(frames[:bs], device)
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(0, n, bs):
+                decode_jpegs(frames[i:i + bs], device)
+            sync(device)
+            out[f"gpu_batch{bs}_fps"] = round(n / (time.perf_counter() - t0), 1)
+        out["gpu_vs_cpu_1thread"] = round(out["gpu_batch512_fps"] / cpu, 2)
+    return out
+
+
+VARIANTS = {
+    "fp32 seed loop": {"seed_loop": True},
+    "fp32 batched": {},
+    "fp32 batched, no TF32": {"no_tf32": True},
+    "bf16": {"bf16": True},
+    "bf16 + channels_last": {"bf16": True, "channels_last": True},
+    "bf16 + channels_last + compile": {"bf16": True, "channels_last": True, "compile": True},
+}
+
+
+def run(quick: bool = False, batch: int = 32, steps: int = 30, warmup: int = 8, workers: int | None = None,
+        videos: int = 400, allow_cpu: bool = False, no_compile: bool = False, partial: str | None = None,
+        compile_deadline: float = 300.0, proto_loader: bool = True) -> dict:
+    """All rows; raises RuntimeError without a CUDA GPU (unless ``allow_cpu``, a smoke test)."""
+    if not torch.cuda.is_available() and not allow_cpu:
+        raise RuntimeError("bench/gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run bench/gpu.sh on a "
+                           "machine with one NVIDIA GPU.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t_start = time.perf_counter()
+    workers = workers or max(1, min(12, (os.cpu_count() or 2) - 2))
+    tf32_default = tf32_state()
+    torch.backends.cudnn.benchmark = True
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)"
+    print(f"gpu bench: {dev_name}, torch {torch.__version__}, batch {batch}, {workers} loader workers", flush=True)
+    print(f"gpu bench: TF32 defaults {tf32_default}", flush=True)
+
+    shards = make_shards(videos, max(1, (os.cpu_count() or 2)))
+    print(f"gpu bench: shards ready ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    dec = jpeg_decode(shards, device)
+    print(f"gpu bench: JPEG decode {dec}", flush=True)
+
+    variants = {k: v for k, v in VARIANTS.items() if not (no_compile and v.get("compile"))}
+    if quick:
+        variants = {k: v for k, v in variants.items() if k in ("fp32 seed loop", "bf16 + channels_last")}
+    e2e_steps, drain = (steps if allow_cpu else max(steps, 60)), 2 * workers + 4
+    batches, spec = loader_iter(shards, batch, workers, "cpu", (e2e_steps + drain + warmup) * (len(variants) + 1))
+    rows: dict[str, dict] = {}
+
+    def measure(name: str, v: dict, batches, spec, synthetic: bool = True) -> None:
+        set_tf32(not v.get("no_tf32"))
+        if not v.get("no_tf32"):  # restore PyTorch's own defaults, whatever they are
+            torch.backends.cudnn.allow_tf32 = tf32_default["cudnn.allow_tf32 (convolutions)"]
+            torch.backends.cuda.matmul.allow_tf32 = tf32_default["cuda.matmul.allow_tf32"]
+        model = build(v, device)
+        step = Stepper(model, v, device)
+        t0 = time.perf_counter()
+        w = warmup + (4 if v.get("compile") else 0)
+        syn = time_synthetic(step, batch, steps if synthetic else 2, w, device)
+        e2e = time_end_to_end(step, batches, spec, e2e_steps, drain, device)
+        rows[name] = {"synthetic": float(f"{syn:.4g}"), "end_to_end": float(f"{e2e['clips_per_s']:.4g}"),
+                      "data_wait_frac": round(e2e["data_wait_frac"], 3), "seconds": round(time.perf_counter() - t0, 1)}
+        if not synthetic:
+            rows[name]["synthetic"] = rows[name.split(" (")[0]]["synthetic"]
+        print(f"gpu bench: {name:44s} synthetic {rows[name]['synthetic']:8.1f} clips/s   end-to-end "
+              f"{e2e['clips_per_s']:8.1f} clips/s (waiting for data {100 * e2e['data_wait_frac']:.0f}%)  "
+              f"[{rows[name]['seconds']} s, {time.perf_counter() - t_start:.0f} s total]", flush=True)
+        if partial:
+            Path(partial).write_text(json.dumps({"rows": rows, "jpeg_decode": dec, "tf32": tf32_default}, indent=1))
+
+    for name, v in variants.items():
+        if v.get("compile"):
+            continue  # last: its compile time is the least predictable
+        measure(name, v, batches, spec)
+    # The loader alone (no model): its steady clips/s with these workers is the end-to-end ceiling.
+    lb, lspec = loader_iter(shards, batch, workers, "cpu", 2 * (e2e_steps + drain))
+    lo = time_end_to_end(None, lb, lspec, e2e_steps, drain, device)
+    loader_rows = {"loader only, dist_train.data (CPU decode)": round(lo["clips_per_s"], 1)}
+    del lb
+    if proto_loader:
+        # The OpenCV clip path prototyped in bench.load (forked workers inherit the patch).
+        from bench.load import _apply_proto
+        from dist_train import data as D
+
+        orig = D.make_clip
+        _apply_proto()
+        pb, pspec = loader_iter(shards, batch, workers, "cpu", 3 * (e2e_steps + drain))
+        lo = time_end_to_end(None, pb, pspec, e2e_steps, drain, device)
+        loader_rows["loader only, OpenCV clip path (prototype)"] = round(lo["clips_per_s"], 1)
+        if "bf16 + channels_last" in variants:
+            measure("bf16 + channels_last (OpenCV clip path, prototype)", variants["bf16 + channels_last"], pb,
+                    pspec, synthetic=False)
+        del pb
+        D.make_clip = orig
+    for k, r in loader_rows.items():
+        print(f"gpu bench: {k:44s} {r:8.1f} clips/s ({workers} workers)", flush=True)
+    if device.type == "cuda" and "bf16 + channels_last" in variants:
+        # --decode gpu: workers only read tars, nvjpeg decodes each whole batch in the training process.
+        gb, gspec = loader_iter(shards, batch, max(2, workers // 2), "gpu", 2 * (e2e_steps + drain))
+        measure("bf16 + channels_last (decode gpu)", variants["bf16 + channels_last"], gb, gspec, synthetic=False)
+        del gb
+    for name, v in variants.items():
+        if v.get("compile"):
+            if time.perf_counter() - t_start > compile_deadline:
+                print(f"gpu bench: {name}: skipped, {compile_deadline} s already spent", flush=True)
+                continue
+            measure(name, v, batches, spec)
+    del batches
+    torch.backends.cudnn.allow_tf32 = tf32_default["cudnn.allow_tf32 (convolutions)"]
+    torch.backends.cuda.matmul.allow_tf32 = tf32_default["cuda.matmul.allow_tf32"]
+
+    best_e2e_name = max((k for k in rows if k != "fp32 seed loop" and "prototype" not in k),
+                        key=lambda k: rows[k]["end_to_end"])
+    best = rows[best_e2e_name]
+    seed = rows["fp32 seed loop"]
+    checks = [
+        check("gpu_best_end_to_end_vs_synthetic", best["end_to_end"], best["synthetic"],
+              round(best["end_to_end"] / best["synthetic"], 3), 0.9, "clips/s", note=best_e2e_name),
+        check("gpu_best_end_to_end_vs_fp32_seed_loop", best["end_to_end"], seed["synthetic"],
+              round(best["end_to_end"] / seed["synthetic"], 3), 4.0, "clips/s",
+              note=f"{best_e2e_name} end-to-end vs the seed loop on synthetic data, batch {batch}"),
+    ]
+    inputs = {"device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+              "model": "cnn_rnn: ResNet18 + LSTM(256), 51 classes", "clip": [FRAMES, 3, SIZE, SIZE],
+              "batch_per_gpu": batch, "timed_steps_synthetic": steps, "timed_steps_end_to_end": e2e_steps,
+              "untimed_batches_before_end_to_end": drain, "warmup_steps": warmup, "loader_workers": workers,
+              "cpu_cores": os.cpu_count(), "tf32_defaults": tf32_default, "cudnn_benchmark": True,
+              "shards": f"{videos} HMDB-like videos (bench.videos), packed with preprocess.shard defaults"}
+    res = result(NAME, checks, inputs, {"rows": rows, "loader_only": loader_rows, "jpeg_decode": dec,
+                                         "seconds": round(time.perf_counter() - t_start, 1)})
+    return res
+
+
+def print_rows(res: dict) -> None:
+    rows = res["extra"]["rows"]
+    print(f"\n{res['inputs']['device']} | torch {res['inputs']['torch']} | batch {res['inputs']['batch_per_gpu']} "
+          f"clips x {FRAMES} x {SIZE}px | TF32 defaults: {res['inputs']['tf32_defaults']}")
+    print("| config | synthetic clips/s | end-to-end clips/s | e2e / synthetic | data wait |")
+    print("|---|---:|---:|---:|---:|")
+    for k, r in rows.items():
+        print(f"| {k} | {r['synthetic']:.1f} | {r['end_to_end']:.1f} | {r['end_to_end'] / r['synthetic']:.2f} | "
+              f"{100 * r['data_wait_frac']:.0f}% |")
+    for k, r in res["extra"].get("loader_only", {}).items():
+        print(f"{k}: {r:.1f} clips/s with {res['inputs']['loader_workers']} workers")
+    d = res["extra"]["jpeg_decode"]
+    gpu = d.get("gpu_batch512_fps")
+    print(f"\nJPEG decode ({d['frames']} frames 171x128): CPU 1 thread {d['cpu_1thread_fps']:.0f} frames/s"
+          + (f"; GPU batched (512) {gpu:.0f} frames/s ({d['gpu_vs_cpu_1thread']}x)" if gpu else ""))
+    from bench.__main__ import print_table
+
+    print()
+    print_table([res])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32, help="clips per step (per GPU)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per row and mode")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 2, at most 12)")
+    p.add_argument("--videos", type=int, default=400)
+    p.add_argument("--quick", action="store_true", help="two rows only")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # smoke test of the script itself
+    p.add_argument("--out", default=None, help="also write gpu.json here")
+    a = p.parse_args(argv)
+    try:
+        partial = str(Path(a.out) / "gpu_partial.json") if a.out else None
+        if a.out:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+        res = run(a.quick, a.batch, a.steps, a.warmup, a.workers, a.videos, a.allow_cpu, a.no_compile, partial)
+    except RuntimeError as e:
+        if "needs a CUDA GPU" in str(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
+    path = write_result(res)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "gpu.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    print_rows(res)
+    print(f"\nwrote {path}")
+    return 0 if res["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Benchmark 2: loading training-ready batches, ours (``dist_train.data``) beside the seed's Dataset.
+
+    python -m bench.load [--quick] [--videos N] [--workers W] [--batch-size B] [--repeats K]
+
+Ours: ``train_loader`` over shards packed by ``preprocess.shard`` (tar -> 16 JPEGs -> decode ->
+the same random resized crop + flip for the whole clip -> uint8 batch), then ``to_model_input``
+(float, normalized) in the consuming process, so both sides end at a normalized float batch
+``[B, 16, 3, 112, 112]``. Seed: ``bench.baselines.SeedVideoDataset`` over the seed's per-frame JPEG
+folders of the same videos, in a DataLoader with the same workers and batch size.
+
+Floors (issue 6): ours >= 2.5x the seed's clips/s per worker, and our worker time per clip <= 1.25x
+the time to merely decode the same JPEG frames (``dist_train.data.decode_jpegs``, one process, one
+thread). Each side is timed in a fresh child process from its first batch to the end of the epoch
+(worker start-up excluded on both sides), best of K repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from bench import WORK, check, cpu_seconds, result, run_child, write_result
+
+NAME = "load"
+DATA_MODULE = Path(__file__).resolve().parents[1] / "dist_train" / "data.py"
+
+
+def wait_for_loader(timeout: float = 0.0, poll: float = 30.0) -> bool:
+    """True once dist_train/data.py exists and imports (waits up to ``timeout`` seconds for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if DATA_MODULE.is_file():
+            try:
+                import dist_train.data  # noqa: F401
+                return True
+            except Exception as e:  # being written right now: try again
+                err = e
+        else:
+            err = None
+        if time.monotonic() >= deadline:
+            if err is not None:
+                print(f"bench.load: dist_train.data does not import yet: {err}", file=sys.stderr)
+            return False
+        time.sleep(poll)
+
+
+def prepare(count: int) -> tuple[Path, Path]:
+    """Shards (ours, defaults) and seed frame folders of the same ``count`` videos; made once, cached."""
+    from bench.pack import _input_folder
+
+    inp = _input_folder(count)
+    shards, seed_out = WORK / f"load-shards-{count}", WORK / f"load-seed-{count}"
+    if not (shards / "manifest.json").is_file():
+        from preprocess.shard import PackConfig, pack
+
+        pack(PackConfig(str(inp), str(shards), progress=False))
+    if not (seed_out / ".done").is_file():
+        from bench.baselines import seed_pack
+
+        seed_pack(sorted(inp.rglob("*.avi")), inp, seed_out)
+        (seed_out / ".done").write_text("ok\n")
+    return shards, seed_out
+
+
+def _train_samples(shards: Path) -> list[tuple[str, list[bytes]]]:
+    """(source path, 16 JPEG bytes) of every train sample, read straight from the tars."""
+    from preprocess import shard_format as fmt
+
+    m = fmt.load_manifest(shards)
+    out = []
+    for url in m.urls("train"):
+        with tarfile.open(url) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for ti in tar:
+                key, field = ti.name.split(".", 1)
+                members.setdefault(key, {})[field] = tar.extractfile(ti).read()
+        for key in sorted(members):
+            frames, _, meta = fmt.split_sample(members[key], m.n_frames)
+            out.append((meta["path"], frames))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prototype fast path for dist_train/data.py (measured here; its owner applies it there)
+
+
+def _apply_proto() -> None:
+    """CPU clips through OpenCV: imdecode straight to RGB, crop as a view, cv2.resize (bilinear), flip.
+
+    Same crop box and flip draws as ``ClipTransform`` (same generator calls), same output dtype and
+    shape ``[T, 3, S, S]`` uint8; returned as a permuted view so the batch ``torch.stack`` does the
+    only copy. Patched into ``dist_train.data.make_clip``; forked DataLoader workers inherit it.
+    """
+    import cv2
+    import numpy as np
+    import torch
+
+    from dist_train import data as D
+
+    cv2.setNumThreads(1)
+    orig = D.make_clip
+
+    def make_clip(jpegs, transform, seed, device="cpu"):
+        if str(device) != "cpu":
+            return orig(jpegs, transform, seed, device)
+        frames = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB) for b in jpegs]
+        if any(f is None for f in frames):
+            raise ValueError("a JPEG frame does not decode")
+        h, w = frames[0].shape[:2]
+        s = transform.size
+        if transform.train:
+            gen = torch.Generator().manual_seed(int(seed))
+            top, left, ch, cw = transform._crop_box(h, w, gen)
+            flip = transform.hflip and float(torch.rand(1, generator=gen)) < 0.5
+            out = np.stack([cv2.resize(f[top:top + ch, left:left + cw], (s, s), interpolation=cv2.INTER_LINEAR)
+                            for f in frames])
+            if flip:
+                out = out[:, :, ::-1]
+        else:
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            out = np.stack([cv2.resize(f, (nw, nh), interpolation=cv2.INTER_AREA) for f in frames])
+            top, left = (nh - s) // 2, (nw - s) // 2
+            out = out[:, top:top + s, left:left + s]
+        return torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2)
+
+    D.make_clip = make_clip
+
+
+# ---------------------------------------------------------------------------------------------
+# Children
+
+
+def _time_loader(loader, to_input) -> dict:
+    """Iterate ``loader`` once; clips/s from the first batch's arrival to the end (start-up excluded)."""
+    it = iter(loader)
+    first = to_input(next(it))
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    clips = 0
+    for batch in it:
+        clips += to_input(batch).shape[0]
+    wall = time.perf_counter() - t0
+    return {"clips": clips, "first_batch": int(first.shape[0]), "wall": wall, "cpu": cpu_seconds() - c0,
+            "shape": list(first.shape)}
+
+
+def child(spec: dict) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(1)
+    shards, seed_out = Path(spec["shards"]), Path(spec["seed"])
+    b, w = spec["batch_size"], spec["workers"]
+    if spec["method"] == "seed":
+        from torch.utils.data import DataLoader
+
+        from bench.baselines import SeedVideoDataset, seed_transform
+
+        wanted = sorted({Path(p).with_suffix("").as_posix() for p, _ in _train_samples(shards)})
+        classes = sorted({Path(p).parts[0] for p in wanted})
+        ids = [str(seed_out / p) for p in wanted]
+        labels = [classes.index(Path(p).parts[0]) for p in wanted]
+        ds = SeedVideoDataset(ids, labels, seed_transform(spec["size"]))
+        loader = DataLoader(ds, batch_size=b, shuffle=True, num_workers=w, drop_last=True)
+        return _time_loader(loader, lambda batch: batch[0])
+    if spec["method"] == "ours":
+        from dist_train import data as D
+
+        if spec.get("proto"):
+            _apply_proto()
+        from preprocess.shard_format import load_manifest
+
+        m = load_manifest(shards)
+        plan = D.make_plan(m, world_size=1, batch_size=b, workers=w)
+        tf = D.ClipTransform(spec["size"], train=True)
+        sspec = D.SampleSpec(n_frames=m.n_frames, num_classes=m.num_classes, transform=tf, on_bad="skip")
+        loader = D.train_loader(plan, sspec, rank=0, epoch=0, seed=0, shuffle_buffer=spec["shuffle_buffer"])
+        stats = D.normalization("cnn_rnn")
+        if spec.get("normalize"):  # the trainer does this on its device; here on the CPU, in the consumer
+            return _time_loader(loader, lambda batch: D.to_model_input(batch["video"], "BTCHW", stats))
+        return _time_loader(loader, lambda batch: batch["video"])
+    if spec["method"] == "decode":
+        samples = [f for _, f in _train_samples(shards)]
+        decoder = spec["decoder"]
+        if decoder == "ours":
+            from dist_train.data import decode_jpegs as dec
+        elif decoder == "cv2":
+            import cv2
+            import numpy as np
+
+            cv2.setNumThreads(1)
+
+            def dec(frames):
+                return [cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR) for f in frames]
+        elif decoder == "pil":
+            import io
+
+            import numpy as np
+            from PIL import Image
+
+            def dec(frames):
+                return [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in frames]
+        else:
+            raise ValueError(f"unknown decoder {decoder!r}")
+        dec(samples[0])  # warm-up
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        for frames in samples:
+            dec(frames)
+        return {"clips": len(samples), "wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
+    raise ValueError(f"unknown method {spec['method']!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def run(quick: bool = False, videos: int | None = None, workers: int | None = None, batch_size: int = 8,
+        repeats: int | None = None, size: int = 112, wait: float = 0.0, proto: bool = False) -> dict:
+    """Seed Dataset vs our loader vs the pure-decode floor, on the same clips."""
+    count = videos or (60 if quick else 300)
+    repeats = repeats or (1 if quick else 3)
+    worker_counts = [workers] if workers else [1, 2]
+    if not wait_for_loader(wait):
+        raise RuntimeError("dist_train/data.py (our loader) is not there yet: the load benchmark needs it")
+    shards, seed_out = prepare(count)
+    base = {"shards": str(shards), "seed": str(seed_out), "batch_size": batch_size, "size": size,
+            "shuffle_buffer": 64}
+    variants = {"decode_ours": {"method": "decode", "decoder": "ours", "workers": 0},
+                "decode_cv2": {"method": "decode", "decoder": "cv2", "workers": 0},
+                "decode_pil": {"method": "decode", "decoder": "pil", "workers": 0}}
+    for w in worker_counts:
+        variants[f"seed_w{w}"] = {"method": "seed", "workers": w}
+        variants[f"ours_w{w}"] = {"method": "ours", "workers": w}
+    w0 = worker_counts[0]
+    variants[f"ours_norm_w{w0}"] = {"method": "ours", "workers": w0, "normalize": True}
+    if proto:
+        variants[f"proto_w{w0}"] = {"method": "ours", "workers": w0, "proto": True}
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    for r in range(repeats):
+        for k, spec in variants.items():
+            res = run_child("bench.load", {**base, **spec, "batch_size": batch_size})
+            runs[k].append(res)
+            print(f"  load [{r + 1}/{repeats}] {k:12s} {res['clips']:4d} clips {res['wall']:6.2f} s wall "
+                  f"{res['cpu']:6.2f} s cpu  {res['clips'] / res['wall']:7.1f} clips/s", file=sys.stderr, flush=True)
+    best = {k: min(v, key=lambda x: x["wall"] / x["clips"]) for k, v in runs.items()}
+    cps = {k: b["clips"] / b["wall"] for k, b in best.items()}
+    per_worker = {k: cps[k] / variants[k]["workers"] for k in cps if variants[k]["workers"]}
+    ms_per_clip_worker = {k: 1e3 / v for k, v in per_worker.items()}
+    decode_ms = 1e3 / cps["decode_ours"]
+    checks = [
+        check(f"load_vs_seed_per_worker_w{w0}", round(per_worker[f"ours_w{w0}"], 1),
+              round(per_worker[f"seed_w{w0}"], 1),
+              round(per_worker[f"ours_w{w0}"] / per_worker[f"seed_w{w0}"], 3), 2.5, "clips/s/worker"),
+        check(f"load_vs_decode_floor_w{w0}", round(ms_per_clip_worker[f"ours_w{w0}"], 2), round(decode_ms, 2),
+              round(ms_per_clip_worker[f"ours_w{w0}"] / decode_ms, 3), 1.25, "ms/clip per worker", goal="<=",
+              note="floor = dist_train.data.decode_jpegs of the same 16 frames, one process, one thread"),
+    ]
+    for w in worker_counts[1:]:
+        checks.append(check(f"load_vs_seed_per_worker_w{w}", round(per_worker[f"ours_w{w}"], 1),
+                            round(per_worker[f"seed_w{w}"], 1),
+                            round(per_worker[f"ours_w{w}"] / per_worker[f"seed_w{w}"], 3), 2.5, "clips/s/worker",
+                            note="on 2 cores, 2 workers share the cores with the consuming process"))
+    from bench.videos import describe
+
+    inputs = {"videos": describe(_input_folder_of(shards)), "clips_per_epoch": best[f"ours_w{w0}"]["clips"],
+              "batch_size": batch_size, "workers": worker_counts, "size": size, "repeats": repeats,
+              "ours": "dist_train.data.train_loader, uint8 clips (the trainer normalizes on its device; "
+                      "ours_norm_* adds to_model_input on the CPU), shuffle buffer 64",
+              "seed": "SeedVideoDataset: PIL open, Resize((112,112)), ToTensor, Normalize per frame; full-size JPEGs",
+              "statistic": "best of repeats; timing from first batch to end of epoch"}
+    extra = {"clips_per_s": {k: round(v, 1) for k, v in cps.items()},
+             "decode_ms_per_clip": {k: round(1e3 / cps[k], 2) for k in ("decode_ours", "decode_cv2", "decode_pil")},
+             "ms_per_clip_per_worker": {k: round(v, 2) for k, v in ms_per_clip_worker.items()},
+             "ours_with_cpu_normalize_vs_seed": round(per_worker[f"ours_norm_w{w0}"] / per_worker[f"seed_w{w0}"], 3),
+             "runs": runs}
+    if proto:
+        extra["proto"] = {
+            "what": "cv2.imdecode(IMREAD_COLOR_RGB) + crop view + cv2.resize INTER_LINEAR (see _apply_proto)",
+            "proto_vs_seed": round(per_worker[f"proto_w{w0}"] / per_worker[f"seed_w{w0}"], 3),
+            "proto_vs_decode_floor": round(ms_per_clip_worker[f"proto_w{w0}"] / decode_ms, 3),
+            "proto_vs_cv2_decode": round(ms_per_clip_worker[f"proto_w{w0}"] / (1e3 / cps["decode_cv2"]), 3)}
+    return result(NAME, checks, inputs, extra)
+
+
+def _input_folder_of(shards: Path) -> Path:
+    count = int(shards.name.rsplit("-", 1)[1])
+    return WORK / f"pack-input-{count}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--videos", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for both sides (default: 1 and 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--proto", action="store_true", help="also time the prototype OpenCV clip path")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for dist_train/data.py to appear")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return 0
+    res = run(a.quick, a.videos, a.workers, a.batch_size, a.repeats, wait=a.wait, proto=a.proto)
+    path = write_result(res)
+    from bench.__main__ import print_table
+
+    print_table([res])
+    print(f"wrote {path}", file=sys.stderr)
+    return 0 if res["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
