@@ -224,7 +224,7 @@ VARIANTS = {
 
 def run(quick: bool = False, batch: int = 32, steps: int = 30, warmup: int = 8, workers: int | None = None,
         videos: int = 400, allow_cpu: bool = False, no_compile: bool = False, partial: str | None = None,
-        compile_deadline: float = 300.0, proto_loader: bool = True) -> dict:
+        compile_deadline: float = 300.0) -> dict:
     """All rows; raises RuntimeError without a CUDA GPU (unless ``allow_cpu``, a smoke test)."""
     if not torch.cuda.is_available() and not allow_cpu:
         raise RuntimeError("bench/gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
@@ -281,21 +281,6 @@ def run(quick: bool = False, batch: int = 32, steps: int = 30, warmup: int = 8, 
     lo = time_end_to_end(None, lb, lspec, e2e_steps, drain, device)
     loader_rows = {"loader only, dist_train.data (CPU decode)": round(lo["clips_per_s"], 1)}
     del lb
-    if proto_loader:
-        # The OpenCV clip path prototyped in bench.load (forked workers inherit the patch).
-        from bench.load import _apply_proto
-        from dist_train import data as D
-
-        orig = D.make_clip
-        _apply_proto()
-        pb, pspec = loader_iter(shards, batch, workers, "cpu", 3 * (e2e_steps + drain))
-        lo = time_end_to_end(None, pb, pspec, e2e_steps, drain, device)
-        loader_rows["loader only, OpenCV clip path (prototype)"] = round(lo["clips_per_s"], 1)
-        if "bf16 + channels_last" in variants:
-            measure("bf16 + channels_last (OpenCV clip path, prototype)", variants["bf16 + channels_last"], pb,
-                    pspec, synthetic=False)
-        del pb
-        D.make_clip = orig
     for k, r in loader_rows.items():
         print(f"gpu bench: {k:44s} {r:8.1f} clips/s ({workers} workers)", flush=True)
     if device.type == "cuda" and "bf16 + channels_last" in variants:
@@ -313,7 +298,7 @@ def run(quick: bool = False, batch: int = 32, steps: int = 30, warmup: int = 8, 
     torch.backends.cudnn.allow_tf32 = tf32_default["cudnn.allow_tf32 (convolutions)"]
     torch.backends.cuda.matmul.allow_tf32 = tf32_default["cuda.matmul.allow_tf32"]
 
-    best_e2e_name = max((k for k in rows if k != "fp32 seed loop" and "prototype" not in k),
+    best_e2e_name = max((k for k in rows if k != "fp32 seed loop"),
                         key=lambda k: rows[k]["end_to_end"])
     best = rows[best_e2e_name]
     seed = rows["fp32 seed loop"]

@@ -85,53 +85,6 @@ def _train_samples(shards: Path) -> list[tuple[str, list[bytes]]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prototype fast path for dist_train/data.py (measured here; its owner applies it there)
-
-
-def _apply_proto() -> None:
-    """CPU clips through OpenCV: imdecode straight to RGB, crop as a view, cv2.resize (bilinear), flip.
-
-    Same crop box and flip draws as ``ClipTransform`` (same generator calls), same output dtype and
-    shape ``[T, 3, S, S]`` uint8; returned as a permuted view so the batch ``torch.stack`` does the
-    only copy. Patched into ``dist_train.data.make_clip``; forked DataLoader workers inherit it.
-    """
-    import cv2
-    import numpy as np
-    import torch
-
-    from dist_train import data as D
-
-    cv2.setNumThreads(1)
-    orig = D.make_clip
-
-    def make_clip(jpegs, transform, seed, device="cpu"):
-        if str(device) != "cpu":
-            return orig(jpegs, transform, seed, device)
-        frames = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB) for b in jpegs]
-        if any(f is None for f in frames):
-            raise ValueError("a JPEG frame does not decode")
-        h, w = frames[0].shape[:2]
-        s = transform.size
-        if transform.train:
-            gen = torch.Generator().manual_seed(int(seed))
-            top, left, ch, cw = transform._crop_box(h, w, gen)
-            flip = transform.hflip and float(torch.rand(1, generator=gen)) < 0.5
-            out = np.stack([cv2.resize(f[top:top + ch, left:left + cw], (s, s), interpolation=cv2.INTER_LINEAR)
-                            for f in frames])
-            if flip:
-                out = out[:, :, ::-1]
-        else:
-            scale = s / min(h, w)
-            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-            out = np.stack([cv2.resize(f, (nw, nh), interpolation=cv2.INTER_AREA) for f in frames])
-            top, left = (nh - s) // 2, (nw - s) // 2
-            out = out[:, top:top + s, left:left + s]
-        return torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2)
-
-    D.make_clip = make_clip
-
-
-# ---------------------------------------------------------------------------------------------
 # Children
 
 
@@ -169,9 +122,6 @@ def child(spec: dict) -> dict:
         return _time_loader(loader, lambda batch: batch[0])
     if spec["method"] == "ours":
         from dist_train import data as D
-
-        if spec.get("proto"):
-            _apply_proto()
         from preprocess.shard_format import load_manifest
 
         m = load_manifest(shards)
@@ -187,7 +137,11 @@ def child(spec: dict) -> dict:
         samples = [f for _, f in _train_samples(shards)]
         decoder = spec["decoder"]
         if decoder == "ours":
-            from dist_train.data import decode_jpegs as dec
+            from functools import partial
+
+            from dist_train.data import decode_jpegs
+
+            dec = partial(decode_jpegs, hwc=True)  # the bare decoded arrays: no tensor wrapping in the floor
         elif decoder == "cv2":
             import cv2
             import numpy as np
@@ -219,7 +173,7 @@ def child(spec: dict) -> dict:
 
 
 def run(quick: bool = False, videos: int | None = None, workers: int | None = None, batch_size: int = 8,
-        repeats: int | None = None, size: int = 112, wait: float = 0.0, proto: bool = False) -> dict:
+        repeats: int | None = None, size: int = 112, wait: float = 0.0) -> dict:
     """Seed Dataset vs our loader vs the pure-decode floor, on the same clips."""
     count = videos or (60 if quick else 300)
     repeats = repeats or (1 if quick else 3)
@@ -237,8 +191,6 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
         variants[f"ours_w{w}"] = {"method": "ours", "workers": w}
     w0 = worker_counts[0]
     variants[f"ours_norm_w{w0}"] = {"method": "ours", "workers": w0, "normalize": True}
-    if proto:
-        variants[f"proto_w{w0}"] = {"method": "ours", "workers": w0, "proto": True}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(repeats):
         for k, spec in variants.items():
@@ -277,12 +229,6 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
              "ms_per_clip_per_worker": {k: round(v, 2) for k, v in ms_per_clip_worker.items()},
              "ours_with_cpu_normalize_vs_seed": round(per_worker[f"ours_norm_w{w0}"] / per_worker[f"seed_w{w0}"], 3),
              "runs": runs}
-    if proto:
-        extra["proto"] = {
-            "what": "cv2.imdecode(IMREAD_COLOR_RGB) + crop view + cv2.resize INTER_LINEAR (see _apply_proto)",
-            "proto_vs_seed": round(per_worker[f"proto_w{w0}"] / per_worker[f"seed_w{w0}"], 3),
-            "proto_vs_decode_floor": round(ms_per_clip_worker[f"proto_w{w0}"] / decode_ms, 3),
-            "proto_vs_cv2_decode": round(ms_per_clip_worker[f"proto_w{w0}"] / (1e3 / cps["decode_cv2"]), 3)}
     return result(NAME, checks, inputs, extra)
 
 
@@ -298,14 +244,13 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for both sides (default: 1 and 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--proto", action="store_true", help="also time the prototype OpenCV clip path")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for dist_train/data.py to appear")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return 0
-    res = run(a.quick, a.videos, a.workers, a.batch_size, a.repeats, wait=a.wait, proto=a.proto)
+    res = run(a.quick, a.videos, a.workers, a.batch_size, a.repeats, wait=a.wait)
     path = write_result(res)
     from bench.__main__ import print_table
 

@@ -1,8 +1,8 @@
 """The data plan and the WebDataset pipelines that feed training and evaluation.
 
 Everything is derived from ``manifest.json`` (read with ``preprocess.shard_format``), never from
-listing the folder. Shard reading uses webdataset's tar iterators; members are split with
-``shard_format.split_sample``.
+listing the folder. Shards are read as webdataset reads them (see "Shards are read" below); members
+are split with ``shard_format.split_sample``.
 
 Training (every rank runs exactly the same number of steps, so no rank waits in an all-reduce
 that the others never reach):
@@ -37,27 +37,47 @@ frames of different sizes or a label out of range, and a shard that is missing, 
 than the manifest says, are either skipped and reported in the batch's ``"bad"`` list (dicts with
 ``shard``, ``key``, ``reason``, ``count``) or raise ``BadDataError`` naming the shard and sample.
 
-JPEG decoding goes through ``decode_jpegs`` alone (torchvision.io.decode_jpeg today), so the backend
-changes in one place. ``decode="gpu"`` moves decoding and cropping into the training process as one
-batched ``decode_jpeg(device="cuda")`` call per batch (``materialize``), falling back to the CPU per
-sample when that fails; in that mode a bad sample is dropped from its batch.
+Shards are read by ``_tar_files``, a small reader for the ustar/GNU tars the packer writes (Python's
+``tarfile`` spends more time parsing headers than the JPEG decoder spends on a clip). It behaves like
+webdataset's ``tar_file_expander`` + ``group_by_keys`` (same sample dicts, same end-of-archive and
+truncation rules); a tar with headers it does not handle (pax, GNU long names, links) is read with
+webdataset's iterators instead.
+
+Clips (CPU): JPEG decoding goes through ``decode_jpegs`` alone (OpenCV's libjpeg-turbo on the CPU,
+torchvision's batched nvjpeg on CUDA), so the backend changes in one place. A training clip is cropped
+as a view of each decoded frame and resized with ``cv2.resize`` (bilinear) straight into its slot of
+the batch, which a DataLoader worker allocates in shared memory (as torch's ``default_collate`` does),
+so a batch crosses to the training process without a copy. Frames are stored channels-last: ``video``
+is uint8 ``[B, T, 3, S, S]`` with strides of ``[B, T, S, S, 3]``, which is also the layout the
+channels-last convolutions want. The evaluation transform (short side resized with torchvision's
+anti-aliased ``resize``, centre crop) uses the same function as ``evaluation.SpatialViews``.
+
+``decode="gpu"`` moves decoding and cropping into the training process (``materialize``): one batched
+``decode_jpeg(device="cuda")`` call per batch, then one ``roi_align`` (training crops, bilinear like
+the CPU path) or one ``resize`` (evaluation) per frame size in the batch (``clip_batch``). It falls
+back to the CPU per sample when decoding fails; in that mode a bad sample is dropped from its batch.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import random
+import re
 import signal
+import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -191,18 +211,57 @@ def balanced_parts(counts: Sequence[int], parts: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------
 # Decoding and augmentation
 
+# OpenCV >= 4.10 decodes straight to RGB; older versions decode BGR and convert. EXIF orientation is
+# ignored, as torchvision's decode_jpeg does by default.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_IMREAD_FLAGS = (cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
 
-def decode_jpegs(data: Sequence[bytes], device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """Decode JPEG files into RGB uint8 ``[3, H, W]`` tensors: the one place the JPEG backend is chosen."""
-    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
-        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+
+def decode_jpegs(data: Sequence[bytes], device: str | torch.device = "cpu", hwc: bool = False) -> list:
+    """Decode JPEG files into RGB uint8 frames: the one place the JPEG backend is chosen.
+
+    CPU: OpenCV's libjpeg-turbo (``cv2.imdecode``), one frame at a time. CUDA: one batched nvjpeg call
+    (``torchvision.io.decode_jpeg``). Returns ``[3, H, W]`` tensors (on the CPU, channels-last views of
+    the decoded ``[H, W, 3]`` arrays, no copy), or with ``hwc=True`` the ``[H, W, 3]`` frames: numpy
+    arrays on the CPU, tensors on CUDA. Raises ``ValueError`` naming a frame that does not decode on
+    the CPU (nvjpeg raises ``RuntimeError`` for the whole call).
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
+            out = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        return [t.permute(1, 2, 0) for t in out] if hwc else out
+    frames = []
+    for i, b in enumerate(data):
+        try:
+            a = cv2.imdecode(np.frombuffer(b, np.uint8), _IMREAD_FLAGS)
+        except cv2.error as e:  # e.g. an empty member
+            raise ValueError(f"frame {i} is not a decodable JPEG ({e.err})") from None
+        if a is None:
+            raise ValueError(f"frame {i} is not a decodable JPEG")
+        if _IMREAD_RGB is None:
+            a = cv2.cvtColor(a, cv2.COLOR_BGR2RGB)
+        frames.append(a)
+    return frames if hwc else [torch.from_numpy(a).permute(2, 0, 1) for a in frames]
+
+
+def _same_size(frames: Sequence) -> None:
+    shape = frames[0].shape
+    if any(f.shape != shape for f in frames):
+        raise ValueError(f"frames of different sizes ({sorted({tuple(f.shape) for f in frames})})")
 
 
 @dataclass(frozen=True)
 class ClipTransform:
-    """Crop, resize and flip a clip ``[T, 3, H, W]`` (uint8) the same way for all its frames."""
+    """Crop, resize and flip a clip ``[T, 3, H, W]`` (uint8) the same way for all its frames.
+
+    Training: a random resized crop (torchvision's RandomResizedCrop parameters) and a random flip,
+    drawn from ``seed`` alone (``draw``), resized bilinearly (half-pixel centres, no anti-aliasing):
+    ``cv2.resize`` on the CPU, ``roi_align`` on CUDA. Evaluation: the short side resized to ``size``
+    with torchvision's anti-aliased ``resize``, then the centre crop (the resize ``SpatialViews`` uses).
+    """
 
     size: int
     train: bool
@@ -226,23 +285,102 @@ class ClipTransform:
         s = min(h, w)
         return (h - s) // 2, (w - s) // 2, s, s
 
+    def draw(self, h: int, w: int, seed: int) -> tuple[int, int, int, int, bool]:
+        """The training crop ``(top, left, height, width)`` and flip for ``h x w`` frames, from ``seed`` alone."""
+        gen = torch.Generator().manual_seed(int(seed))
+        top, left, ch, cw = self._crop_box(h, w, gen)
+        flip = self.hflip and float(torch.rand(1, generator=gen)) < 0.5
+        return top, left, ch, cw, flip
+
+    def transform_frames(self, frames: Sequence[np.ndarray] | np.ndarray, seed: int | None,
+                         out: np.ndarray | None = None) -> np.ndarray:
+        """Transform decoded ``[H, W, 3]`` uint8 frames (CPU) into ``out``, uint8 ``[T, S, S, 3]`` (new if None)."""
+        s = self.size
+        if out is None:
+            out = np.empty((len(frames), s, s, 3), np.uint8)
+        if not self.train:
+            clip = torch.from_numpy(frames if isinstance(frames, np.ndarray) else np.stack(frames))
+            torch.from_numpy(out).copy_(self._eval_crop(clip.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+            return out
+        h, w = frames[0].shape[:2]
+        top, left, ch, cw, flip = self.draw(h, w, seed)
+        for f, o in zip(frames, out):
+            r = cv2.resize(f[top:top + ch, left:left + cw], (s, s), dst=o, interpolation=cv2.INTER_LINEAR)
+            if r is not o:  # OpenCV allocated its own output after all
+                o[...] = r
+            if flip:
+                cv2.flip(o, 1, dst=o)
+        return out
+
+    def _eval_crop(self, clip: torch.Tensor) -> torch.Tensor:
+        clip = TF.resize(clip, [self.size], antialias=True)
+        return TF.center_crop(clip, [self.size, self.size])
+
     def __call__(self, clip: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """The transformed clip ``[T, 3, size, size]``; ``seed`` draws the training crop and flip."""
         if not self.train:
-            clip = TF.resize(clip, [self.size], antialias=True)
-            return TF.center_crop(clip, [self.size, self.size])
-        gen = torch.Generator().manual_seed(int(seed))
-        top, left, h, w = self._crop_box(clip.shape[-2], clip.shape[-1], gen)
-        clip = TF.resized_crop(clip, top, left, h, w, [self.size, self.size], antialias=True)
-        if self.hflip and float(torch.rand(1, generator=gen)) < 0.5:
-            clip = clip.flip(-1)
-        return clip
+            return self._eval_crop(clip)
+        if clip.device.type == "cpu":
+            frames = clip.permute(0, 2, 3, 1)
+            frames = frames.numpy() if frames.is_contiguous() else frames.contiguous().numpy()
+            return torch.from_numpy(self.transform_frames(frames, seed)).permute(0, 3, 1, 2)
+        return clip_batch(self, [clip], [seed])[0]
+
+
+def _plain(transform: ClipTransform) -> bool:
+    """True when ``transform`` is a ClipTransform whose ``__call__`` is not overridden (its output is ``[T, 3, S, S]``)."""
+    return isinstance(transform, ClipTransform) and type(transform).__call__ is ClipTransform.__call__
+
+
+def clip_batch(transform: ClipTransform, clips: Sequence[Sequence[torch.Tensor] | torch.Tensor],
+               seeds: Sequence[int | None]) -> torch.Tensor:
+    """Transform decoded clips (each ``T`` frames ``[3, H, W]`` of one size, any device) in one batch.
+
+    One call per frame size in the batch: ``roi_align`` (training: each clip's own crop, bilinear,
+    then its flip) or ``resize`` + centre crop (evaluation). Returns uint8 ``[B, T, 3, S, S]``.
+    """
+    s, t = transform.size, len(clips[0])
+    first = clips[0][0]
+    out = torch.empty((len(clips), t, 3, s, s), dtype=torch.uint8, device=first.device)
+    groups: dict[tuple, list[int]] = {}
+    for j, clip in enumerate(clips):
+        groups.setdefault(tuple(clip[0].shape), []).append(j)
+    for (_, h, w), idx in groups.items():
+        frames = torch.stack([f for j in idx for f in clips[j]])  # [len(idx) * T, 3, H, W]
+        if not transform.train:
+            out[idx] = transform._eval_crop(frames).reshape(len(idx), t, 3, s, s)
+            continue
+        boxes, flips = [], []
+        for k, j in enumerate(idx):
+            top, left, ch, cw, flip = transform.draw(h, w, seeds[j])
+            boxes += [[k * t + i, left, top, left + cw, top + ch] for i in range(t)]
+            flips += [flip] * t
+        rois = torch.tensor(boxes, dtype=torch.float32, device=frames.device)
+        res = roi_align(frames.float(), rois, (s, s), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+        flipped = torch.tensor(flips, device=frames.device)
+        res = torch.where(flipped[:, None, None, None], res.flip(-1), res)
+        out[idx] = res.round_().clamp_(0, 255).to(torch.uint8).reshape(len(idx), t, 3, s, s)
+    return out
 
 
 def make_clip(jpegs: Sequence[bytes], transform: ClipTransform, seed: int | None,
-              device: str | torch.device = "cpu") -> torch.Tensor:
-    """Decode one sample's frames and transform them: uint8 ``[T, 3, size, size]``."""
-    return transform(torch.stack(decode_jpegs(jpegs, device)), seed)
+              device: str | torch.device = "cpu", out: np.ndarray | None = None) -> torch.Tensor:
+    """Decode one sample's frames and transform them: uint8 ``[T, 3, size, size]``.
+
+    On the CPU a plain ``ClipTransform`` writes the clip into ``out`` (uint8 ``[T, S, S, 3]``, e.g. a
+    slot of a batch) when given; the result is then a view of it. Other transforms (e.g.
+    ``evaluation.SpatialViews``) get the decoded clip as a ``[T, 3, H, W]`` tensor.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        frames = decode_jpegs(jpegs, device)
+        _same_size(frames)
+        return transform(torch.stack(frames), seed)
+    frames = decode_jpegs(jpegs, hwc=True)
+    _same_size(frames)
+    if _plain(transform):
+        return torch.from_numpy(transform.transform_frames(frames, seed, out)).permute(0, 3, 1, 2)
+    return transform(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,14 +394,178 @@ def _bad(on_bad: str, shard: str, key: str | None, reason: str, count: int = 1) 
     return {"shard": shard, "key": key, "reason": reason, "count": count}
 
 
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_POSIX_MAGIC = b"ustar\x0000"
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
+class _NeedsTarfile(Exception):
+    """A tar header ``_tar_files`` does not handle: read the shard with webdataset's iterators instead."""
+
+
+def _octal(field: bytes) -> int:
+    # tarfile's nti(): NUL-terminated octal; base-256 (GNU, huge values) is left to tarfile.
+    if field[0] in (0o200, 0o377):
+        raise _NeedsTarfile("base-256 number")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _checksums_ok(buf, heads: list[int]) -> int:
+    """How many of the headers at offsets ``heads`` of ``buf`` carry a valid checksum before the first bad one.
+
+    Vectorized over the headers: the stored checksum (octal digits after optional spaces, up to the
+    first other byte) must equal the unsigned or the signed byte sum of the header with its checksum
+    field counted as spaces, as tarfile requires.
+    """
+    if not heads:
+        return 0
+    blocks = np.frombuffer(buf, np.uint8)[np.asarray(heads)[:, None] + np.arange(_BLOCK)]
+    stored = np.zeros(len(heads), np.int64)
+    ended = np.zeros(len(heads), bool)
+    started = np.zeros(len(heads), bool)
+    for c in range(148, 156):
+        col = blocks[:, c].astype(np.int64)
+        digit = (col >= 0x30) & (col <= 0x37)
+        ended |= ~digit & (started | (col != 0x20))
+        take = digit & ~ended
+        stored = np.where(take, stored * 8 + col - 0x30, stored)
+        started |= take
+    field = blocks[:, 148:156].sum(1, dtype=np.int64)
+    ok = blocks.sum(1, dtype=np.int64) - field + 8 * 32 == stored
+    signed = blocks.view(np.int8)
+    ok |= signed.sum(1, dtype=np.int64) - signed[:, 148:156].sum(1, dtype=np.int64) + 8 * 32 == stored
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(heads)
+
+
+def _tar_files(buf) -> Iterator[tuple[str, bytes]]:
+    """``(name, content)`` of the regular files of a ustar/GNU tar held in ``buf`` (an mmap), in order.
+
+    Behaves like ``tarfile`` in stream mode: the archive ends at a zero block, at the end of the file on
+    a header boundary, or at an unreadable header after the first; a member cut short raises
+    ``tarfile.ReadError``. Raises ``_NeedsTarfile`` for what tarfile should judge: a file that does not
+    start with a tar header (empty, compressed, not a tar), and pax, GNU long-name, link and other
+    special headers. Headers are checksummed in bulk before the members they describe are yielded.
+    """
+    n = len(buf)
+    if n < _BLOCK:
+        raise _NeedsTarfile("empty or tiny file")
+    pos = 0
+    while True:
+        heads, sizes, stop = [], [], None
+        while len(heads) < 1024:
+            if n - pos < _BLOCK:
+                stop = "eof"  # on a header boundary, or a cut header: the end, as for tarfile
+                break
+            try:
+                if buf[pos + 135] not in (0, 0x20):
+                    raise ValueError
+                size = int(buf[pos + 124:pos + 135], 8)  # what tarfile writes: 11 octal digits, NUL
+            except ValueError:
+                try:
+                    size = _octal(buf[pos + 124:pos + 136])
+                except ValueError:
+                    stop = "bad"
+                    break
+                if buf[pos:pos + _BLOCK] == _ZERO_BLOCK:
+                    stop = "end"
+                    break
+            kind = buf[pos + 156]
+            if kind == 0x35:  # '5' directory: no data blocks (tarfile skips none)
+                size = 0
+            elif kind not in (0x30, 0x00, 0x37):  # regular files: '0', NUL, '7' (contiguous)
+                raise _NeedsTarfile(f"tar member type {chr(kind)!r}")
+            if pos + _BLOCK + size > n:
+                stop = "cut"
+                break
+            heads.append(pos)
+            sizes.append(size)
+            pos += _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+            if pos > n:  # data whole, padding cut: tarfile yields the member, then fails to move on
+                stop = "padding"
+                break
+        good = _checksums_ok(buf, heads)
+        for k in range(good):
+            h = heads[k]
+            kind = buf[h + 156]
+            if kind == 0x35:
+                continue
+            name = buf[h:h + 100].split(b"\0", 1)[0]
+            if buf[h + 345] and buf[h + 257:h + 265] == _POSIX_MAGIC:
+                name = buf[h + 345:h + 500].split(b"\0", 1)[0] + b"/" + name
+            name = name.decode("utf-8", "surrogateescape")
+            if kind == 0 and name.endswith("/"):
+                continue  # an old-style directory entry
+            yield name, buf[h + _BLOCK:h + _BLOCK + sizes[k]]
+        if good < len(heads):
+            pos, stop = heads[good], "bad"
+        elif stop == "cut" and _checksums_ok(buf, [pos]) == 0:
+            stop = "bad"
+        if stop == "bad" and pos == 0:
+            raise _NeedsTarfile("no valid tar header at the start (compressed? not a tar?)")
+        if stop == "cut":
+            raise tarfile.ReadError(f"unexpected end of data: the member at byte {pos} is cut short")
+        if stop == "padding":
+            raise tarfile.ReadError("unexpected end of data: the last member's padding is cut short")
+        if stop is not None:
+            return
+
+
+def _tar_samples(url: str, buf) -> Iterator[dict]:
+    """webdataset's ``group_by_keys(tar_file_expander(...))`` over ``_tar_files``: the same sample dicts."""
+    current: dict | None = None
+    for name, data in _tar_files(buf):
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
+            continue
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot <= slash + 1:  # no extension: webdataset's base_plus_ext gives no key
+            continue
+        key, suffix = name[:dot], name[dot + 1:].lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        if suffix in current:
+            raise ValueError(f"{name}: duplicate file name in tar file {suffix} {current.keys()}")
+        current[suffix] = data
+    if current is not None:
+        yield current
+
+
+def _shard_samples(url: str) -> Iterator[dict]:
+    """Samples of one tar: ``_tar_samples`` on a memory map, or webdataset's iterators for tars it cannot parse."""
+    n = 0
+    with open(url, "rb") as f:
+        try:  # mapped in one go where the OS can (cheaper than a page fault per 4 kB)
+            buf = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                            prot=mmap.PROT_READ)
+        except (ValueError, OSError):  # empty, or not a regular file
+            buf = None
+        if buf is not None:
+            try:
+                for sample in _tar_samples(url, buf):
+                    n += 1
+                    yield sample
+                return
+            except _NeedsTarfile:
+                pass
+            finally:
+                buf.close()
+    with open(url, "rb") as stream:
+        for i, sample in enumerate(group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))):
+            if i >= n:
+                yield sample
+
+
 def read_shard(shard: Shard, on_bad: str) -> Iterator[dict]:
     """Raw samples of one tar; a shard-level problem yields one ``{"bad": record}`` item instead."""
     n = 0
     try:
-        with open(shard.url, "rb") as stream:
-            for sample in group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}])):
-                n += 1
-                yield sample
+        for sample in _shard_samples(shard.url):
+            n += 1
+            yield sample
     except Exception as e:  # missing file, truncated tar, bad header: all end this shard
         yield {"bad": _bad(on_bad, shard.name, None, f"unreadable after {n} samples ({type(e).__name__}: {e})",
                            max(shard.count - n, 1))}
@@ -286,6 +588,7 @@ def _ignore_signals(seed: int, rank: int, worker_id: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)  # one decode/resize thread per worker: the workers are the parallelism
     random.seed(mix_seed(seed, rank, worker_id))
     np.random.seed(mix_seed(seed, rank, worker_id) % 2**32)
 
@@ -300,22 +603,80 @@ class SampleSpec:
     on_bad: str
     decode: str = "cpu"
 
-    def clip(self, sample: dict, seed: int | None) -> tuple[object, int] | dict:
-        """``(clip or JPEG list, label)`` for a good sample, else a bad record (or BadDataError)."""
+    def clip(self, sample: dict, seed: int | None, out: np.ndarray | None = None) -> tuple[object, int] | dict:
+        """``(clip or JPEG list, label)`` for a good sample, else a bad record (or BadDataError).
+
+        ``out``: where a plain ``ClipTransform`` writes the clip (see ``make_clip``)."""
         shard, key = Path(sample.get("__url__", "?")).name, sample.get("__key__")
         try:
             jpegs, label = parse_sample(sample, self.n_frames, self.num_classes)
             if self.decode == "gpu":
                 return jpegs, label
-            return make_clip(jpegs, self.transform, seed), label
+            return make_clip(jpegs, self.transform, seed, out=out), label
         except Exception as e:
             return _bad(self.on_bad, shard, key, f"{type(e).__name__}: {e}")
 
 
-def _batch(items: list, labels: list[int], seeds: list[int], decode: str) -> dict:
-    if decode == "gpu":
-        return {"jpegs": items, "label": torch.tensor(labels), "seed": torch.tensor(seeds)}
-    return {"video": torch.stack(items), "label": torch.tensor(labels)}
+def _shared_empty(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An empty tensor, in shared memory inside a DataLoader worker (as ``default_collate`` makes its
+    batches): the worker then hands it to the training process without the copy that pickling a
+    private tensor makes."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    try:  # what default_collate uses (a private API: fall back to the public one, at the cost of a copy)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    except AttributeError:
+        return torch.empty(tuple(shape), dtype=dtype).share_memory_()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+
+
+class _Batch:
+    """One batch being filled: clips go straight into a batch buffer (shared memory in a worker)."""
+
+    def __init__(self, spec: SampleSpec, size: int):
+        self.spec, self.size = spec, size
+        # Plain transforms have a known output shape, so each clip is written into its slot.
+        self.direct = spec.decode != "gpu" and _plain(spec.transform)
+        self.buf: torch.Tensor | None = None
+        self.slots: np.ndarray | None = None  # numpy view of buf, [B, T, S, S, 3]
+        self.items: list = []
+        self.labels: list[int] = []
+        self.seeds: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, sample: dict, seed: int | None) -> dict | None:
+        """Add ``sample``'s clip; returns the bad record instead when it cannot be used."""
+        out = None
+        if self.direct:
+            if self.buf is None:
+                s = self.spec.transform.size
+                self.buf = _shared_empty((self.size, self.spec.n_frames, s, s, 3))
+                self.slots = self.buf.numpy()
+            out = self.slots[len(self.labels)]
+        res = self.spec.clip(sample, seed, out)
+        if isinstance(res, dict):
+            return res
+        if not self.direct:
+            self.items.append(res[0])
+        self.labels.append(res[1])
+        self.seeds.append(0 if seed is None else seed)
+        return None
+
+    def take(self) -> dict:
+        """The batch (``video``, or ``jpegs`` + ``seed`` for decode=gpu, and ``label``); empties this one."""
+        n = len(self.labels)
+        if self.spec.decode == "gpu":
+            out = {"jpegs": self.items, "seed": torch.tensor(self.seeds)}
+        elif self.direct:
+            out = {"video": self.buf[:n].permute(0, 1, 4, 2, 3)}  # [B, T, 3, S, S], channels-last strides
+        else:
+            out = {"video": torch.stack(self.items, out=_shared_empty((n, *self.items[0].shape),
+                                                                      self.items[0].dtype))}
+        out["label"] = torch.tensor(self.labels)
+        self.buf, self.items, self.labels, self.seeds = None, [], [], []
+        return out
 
 
 class TrainStream(IterableDataset):
@@ -355,27 +716,20 @@ class TrainStream(IterableDataset):
         rng = random.Random(mix_seed(self.seed, self.epoch, slot, 1))
         stream = _shuffled(self._raw(slot, n_workers * self.plan.world_size, pending), self.shuffle_buffer, rng)
         pos = 0
-        items, labels, seeds = [], [], []
+        batch = _Batch(self.spec, self.plan.batch_size)
         for sample in stream:
             pos += 1
             if pos <= skip:
                 if pos == skip:
                     pending.clear()  # counted before the checkpoint
                 continue
-            seed = mix_seed(self.seed, self.epoch, slot, pos)
-            out = self.spec.clip(sample, seed)
-            if isinstance(out, dict):
-                pending.append(out)
+            bad = batch.add(sample, mix_seed(self.seed, self.epoch, slot, pos))
+            if bad is not None:
+                pending.append(bad)
                 continue
-            items.append(out[0])
-            labels.append(out[1])
-            seeds.append(seed)
-            if len(items) == self.plan.batch_size:
-                batch = _batch(items, labels, seeds, self.spec.decode)
-                batch.update(bad=list(pending), pos=pos, worker=worker)
-                yield batch
+            if len(batch) == self.plan.batch_size:
+                yield {**batch.take(), "bad": list(pending), "pos": pos, "worker": worker}
                 pending.clear()
-                items, labels, seeds = [], [], []
                 quota -= 1
                 if quota == 0:
                     return
@@ -408,24 +762,20 @@ class EvalStream(IterableDataset):
         i, n_workers = (info.id, info.num_workers) if info else (0, 1)
         mine = balanced_parts([s.count for s in self.shards], n_workers)[i]
         pending: list[dict] = []
-        items, labels, keys = [], [], []
+        batch, keys = _Batch(self.spec, self.batch_size), []
         for shard in (self.shards[j] for j in mine):
             for sample in read_shard(shard, self.spec.on_bad):
-                out = sample["bad"] if "bad" in sample else self.spec.clip(sample, None)
-                if isinstance(out, dict):
-                    pending.append(out)
+                bad = sample["bad"] if "bad" in sample else batch.add(sample, None)
+                if bad is not None:
+                    pending.append(bad)
                     continue
-                items.append(out[0])
-                labels.append(out[1])
                 keys.append(sample["__key__"])
-                if len(items) == self.batch_size:
-                    yield {**_batch(items, labels, [0] * len(items), self.spec.decode), "bad": list(pending),
-                           "keys": keys}
+                if len(batch) == self.batch_size:
+                    yield {**batch.take(), "bad": list(pending), "keys": keys}
                     pending.clear()
-                    items, labels, keys = [], [], []
-        if items or pending:
-            batch = _batch(items, labels, [0] * len(items), self.spec.decode) if items else {}
-            yield {**batch, "bad": list(pending), "keys": keys}
+                    keys = []
+        if len(batch) or pending:
+            yield {**(batch.take() if len(batch) else {}), "bad": list(pending), "keys": keys}
 
 
 def _loader(dataset: IterableDataset, workers: int, pin: bool, seed: int, rank: int) -> DataLoader:
@@ -454,43 +804,70 @@ def eval_loader(shards: Sequence[Shard], spec: SampleSpec, rank: int, world_size
     return _loader(EvalStream(mine, spec, batch_size), min(workers, len(mine)), pin, 0, rank)
 
 
+def _decode_batch(flat: list[bytes], device: torch.device) -> list[torch.Tensor] | None:
+    """All frames of a batch decoded in one call on ``device`` (CUDA), or None: off CUDA, or when one bad
+    JPEG fails the batched call (the caller then makes the clips on the CPU, sample by sample)."""
+    if device.type != "cuda":
+        return None
+    try:
+        return decode_jpegs(flat, device)
+    except RuntimeError:
+        return None
+
+
 def materialize(batch: dict, spec: SampleSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """``(video uint8 [B, T, 3, S, S], labels, bad records)`` on ``device``; decodes here when decode=gpu."""
+    """``(video uint8 [B, T, 3, S, S], labels, bad records)`` on ``device``; decodes here when decode=gpu.
+
+    decode=gpu on CUDA: one batched decode, then ``clip_batch`` (one crop+resize call per frame size);
+    a transform that overrides ``__call__`` (e.g. ``evaluation.SpatialViews``) runs per clip. When the
+    batched decode fails (one bad JPEG fails it all), or off CUDA, clips are made on the CPU one by one.
+    """
     bad = list(batch.get("bad", []))
     if "video" in batch:
         return batch["video"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True), bad
     if "jpegs" not in batch:
         return torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device), bad
-    clips, keep = [], []
-    seeds = batch["seed"].tolist()
-    flat = [f for frames in batch["jpegs"] for f in frames]
-    try:
-        decoded = decode_jpegs(flat, device) if device.type == "cuda" else None
-    except RuntimeError:
-        decoded = None  # one bad JPEG fails the batched call: fall back to the CPU, sample by sample
+    seeds = [s if spec.transform.train else None for s in batch["seed"].tolist()]
+    decoded = _decode_batch([f for frames in batch["jpegs"] for f in frames], device)
     t = spec.n_frames
-    for j, frames in enumerate(batch["jpegs"]):
-        seed = seeds[j] if spec.transform.train else None
-        try:
-            if decoded is not None:
-                clip = spec.transform(torch.stack(decoded[j * t:(j + 1) * t]), seed)
+    clips: dict[int, torch.Tensor] = {}
+    if decoded is not None:
+        groups = {}
+        for j in range(len(batch["jpegs"])):
+            frames = decoded[j * t:(j + 1) * t]
+            if all(f.shape == frames[0].shape for f in frames):
+                groups[j] = frames
             else:
-                clip = make_clip(frames, spec.transform, seed).to(device)
-        except Exception as e:
-            bad.append(_bad(spec.on_bad, "?", None, f"decode failed in the training process: {e}"))
-            continue
-        clips.append(clip)
-        keep.append(j)
+                bad.append(_bad(spec.on_bad, "?", None, "decode in the training process: frames of different sizes"))
+        if groups and _plain(spec.transform):
+            idx = list(groups)
+            video = clip_batch(spec.transform, [groups[j] for j in idx], [seeds[j] for j in idx])
+            if len(idx) == len(batch["jpegs"]):
+                return video, batch["label"].to(device), bad
+            clips = dict(zip(idx, video))
+        else:
+            clips = {j: spec.transform(torch.stack(frames), seeds[j]) for j, frames in groups.items()}
+    else:
+        for j, frames in enumerate(batch["jpegs"]):
+            try:
+                clips[j] = make_clip(frames, spec.transform, seeds[j]).to(device)
+            except Exception as e:
+                bad.append(_bad(spec.on_bad, "?", None, f"decode failed in the training process: {e}"))
+    keep = sorted(clips)
     labels = batch["label"][keep].to(device)
-    video = torch.stack(clips) if clips else torch.empty(0, device=device)
+    video = torch.stack([clips[j] for j in keep]) if keep else torch.empty(0, device=device)
     return video, labels, bad
 
 
 def to_model_input(video: torch.Tensor, layout: str, stats: tuple) -> torch.Tensor:
-    """uint8 ``[B, T, 3, H, W]`` -> normalized float in the model's layout (``BTCHW`` or ``BCTHW``)."""
-    mean = torch.tensor(stats[0], device=video.device).view(1, 1, 3, 1, 1)
-    std = torch.tensor(stats[1], device=video.device).view(1, 1, 3, 1, 1)
-    x = (video.float().div_(255.0) - mean).div_(std)
+    """uint8 ``[B, T, 3, H, W]`` -> normalized float in the model's layout (``BTCHW`` or ``BCTHW``).
+
+    One pass (``addcmul`` converts and scales together); the memory layout of ``video`` is kept, so
+    the channels-last clips of the CPU path stay channels-last (what the convolutions want).
+    """
+    mean = torch.tensor(stats[0], dtype=torch.float32, device=video.device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(stats[1], dtype=torch.float32, device=video.device).view(1, 1, 3, 1, 1)
+    x = torch.addcmul(-mean / std, video, 1.0 / (255.0 * std))  # (v / 255 - mean) / std
     return x.permute(0, 2, 1, 3, 4) if layout == "BCTHW" else x
 
 

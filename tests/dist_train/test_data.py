@@ -236,3 +236,244 @@ def test_training_skips_bad_samples_and_still_delivers_the_plan(sample_shards, t
     assert any(b["shard"] == "train-000001.tar" and b["key"] is None for b in bad)
     with pytest.raises(data.BadDataError, match="train-00000[01].tar"):
         list(data.train_loader(plan, spec(m, on_bad="error"), 0, epoch=0, seed=0, shuffle_buffer=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding, clip transforms and batching (the CPU fast path and the batched decode=gpu path)
+
+
+def sample_frames(shards: Path, split: str = "test", n: int = 3) -> list[list[bytes]]:
+    m = load_manifest(shards)
+    out = []
+    for url in m.urls(split):
+        for sample in data.read_shard(data.Shard(url, 0), "error"):
+            out.append(data.parse_sample(sample, m.n_frames, m.num_classes)[0])
+            if len(out) == n:
+                return out
+    return out
+
+
+def test_decode_jpegs_layouts_and_errors(sample_shards):
+    frames = sample_frames(sample_shards, n=1)[0]
+    hwc = data.decode_jpegs(frames, hwc=True)
+    chw = data.decode_jpegs(frames)
+    h, w = hwc[0].shape[:2]
+    assert hwc[0].dtype == "uint8" and hwc[0].shape == (h, w, 3)
+    assert chw[0].shape == (3, h, w) and torch.equal(chw[0], torch.from_numpy(hwc[0]).permute(2, 0, 1))
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    ref = decode_jpeg(torch.frombuffer(bytearray(frames[0]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    # libjpeg-turbo both: OpenCV's build and torchvision's may differ by a rounding step, never in colour order.
+    assert (chw[0].float() - ref.float()).abs().mean() < 1.0
+    with pytest.raises(ValueError, match="frame 1 is not a decodable JPEG"):
+        data.decode_jpegs([frames[0], b"\xff\xd8 not a jpeg"])
+    with pytest.raises(ValueError, match="frame 0"):
+        data.decode_jpegs([b""])
+
+
+def test_train_clip_is_the_drawn_crop_resized_bilinearly_and_flipped():
+    from torchvision.transforms.v2 import functional as TF
+
+    gen = torch.Generator().manual_seed(0)
+    clip = (torch.rand(4, 3, 48, 64, generator=gen) * 255).to(torch.uint8)
+    clip = TF.gaussian_blur(clip, [5, 5], [1.5, 1.5])  # smooth: rounding differences stay small
+    for train_tf in (data.ClipTransform(32, True, 0.3, True), data.ClipTransform(72, True, 0.3, True)):
+        for seed in range(6):
+            top, left, h, w, flip = train_tf.draw(48, 64, seed)
+            ref = TF.resized_crop(clip, top, left, h, w, [train_tf.size] * 2, antialias=False)
+            ref = ref.flip(-1) if flip else ref
+            out = train_tf(clip, seed)
+            assert out.shape == ref.shape and out.dtype == torch.uint8
+            assert (out.int() - ref.int()).abs().max() <= 2  # OpenCV's fixed-point bilinear vs torch's
+
+
+def test_draw_keeps_the_generator_use():
+    # The crop box and flip come from the same torch.Generator calls as before the OpenCV path, so a
+    # seed gives the same augmentation as it did (and as torchvision's RandomResizedCrop.get_params).
+    t = data.ClipTransform(24, True, 0.5, True)
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        box = t._crop_box(40, 56, gen)
+        flip = float(torch.rand(1, generator=gen)) < 0.5
+        assert t.draw(40, 56, seed) == (*box, flip)
+    assert data.ClipTransform(24, True, 0.5, False).draw(40, 56, 3)[4] is False
+
+
+def test_eval_transform_is_the_resize_spatial_views_uses(sample_shards):
+    from torchvision.transforms.v2 import functional as TF
+
+    from dist_train.evaluation import SpatialViews
+
+    frames = sample_frames(sample_shards, n=1)[0]
+    clip = torch.stack(data.decode_jpegs(frames)).contiguous()  # [T, 3, H, W], plain CHW layout
+    size = 40
+    ref = TF.center_crop(TF.resize(clip, [size], antialias=True), [size, size])
+    out = data.make_clip(frames, data.ClipTransform(size, False), None)
+    assert out.shape == ref.shape and out.dtype == torch.uint8 and torch.equal(out, ref)
+    views = data.make_clip(frames, SpatialViews(size, False, views=3), None)  # a subclass: the tensor path
+    assert views.shape == (3, len(frames), 3, size, size)
+    assert torch.equal(data.make_clip(frames, SpatialViews(size, False, views=1), None)[0], ref)
+
+
+def test_make_clip_writes_into_out_and_is_deterministic(sample_shards):
+    import numpy as np
+
+    frames = sample_frames(sample_shards, n=1)[0]
+    t = data.ClipTransform(24, True)
+    out = np.zeros((len(frames), 24, 24, 3), np.uint8)
+    clip = data.make_clip(frames, t, 11, out=out)
+    assert clip.shape == (len(frames), 3, 24, 24) and clip.dtype == torch.uint8
+    assert np.shares_memory(clip.numpy(), out)
+    assert torch.equal(clip, data.make_clip(frames, t, 11)) and torch.equal(clip, t(torch.stack(data.decode_jpegs(frames)), 11))
+    with pytest.raises(ValueError, match="different sizes"):
+        other = torch.zeros(3, 8, 8, dtype=torch.uint8)
+        from torchvision.io import encode_jpeg
+
+        data.make_clip([frames[0], encode_jpeg(other).numpy().tobytes()], t, 0)
+
+
+def test_worker_batches_arrive_in_shared_memory_channels_last(sample_shards):
+    m = load_manifest(sample_shards)
+    plan = data.make_plan(m, world_size=1, batch_size=2, workers=1)
+    batches = list(data.train_loader(plan, spec(m), 0, epoch=0, seed=1, shuffle_buffer=3))
+    inline = list(data.train_loader(data.make_plan(m, 1, 2, workers=0), spec(m), 0, epoch=0, seed=1, shuffle_buffer=3))
+    for b, c in zip(batches, inline, strict=True):
+        v = b["video"]
+        assert v.is_shared() and v.shape == (2, 16, 3, 24, 24) and v.dtype == torch.uint8
+        assert v.stride()[2] == 1 and v.permute(0, 1, 3, 4, 2).is_contiguous()  # [B, T, S, S, 3] storage
+        assert torch.equal(v, c["video"])  # a worker and the main process make the same clips
+    x = data.to_model_input(batches[0]["video"], "BTCHW", data.IMAGENET_STATS)
+    ref = (batches[0]["video"].float() / 255 - torch.tensor(data.IMAGENET_STATS[0]).view(1, 1, 3, 1, 1)) \
+        / torch.tensor(data.IMAGENET_STATS[1]).view(1, 1, 3, 1, 1)
+    assert torch.allclose(x, ref, atol=1e-5)
+    assert x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)  # no copy before NHWC convs
+
+
+def test_eval_batches_with_spatial_views(sample_shards):
+    from dist_train.evaluation import eval_spec
+
+    m = load_manifest(sample_shards)
+    plan = data.make_plan(m, 1, 1)
+    s = eval_spec(m.n_frames, m.num_classes, 24, "error", views=3)
+    batches = list(data.eval_loader(plan.test, s, 0, 1, 3, workers=1))
+    assert sum(len(b["keys"]) for b in batches) == m.count("test")
+    assert all(b["video"].shape == (len(b["keys"]), 3, 16, 3, 24, 24) for b in batches)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batched_gpu_path_matches_the_cpu_path_on_cpu(sample_shards, monkeypatch, train):
+    """--decode gpu: materialize's batched crop+resize (run on the CPU here) against the CPU clips."""
+    m = load_manifest(sample_shards)
+    cpu_spec = spec(m, train=train)
+    gpu_spec = data.SampleSpec(m.n_frames, m.num_classes, cpu_spec.transform, "skip", decode="gpu")
+    plan = data.make_plan(m, 1, 3)
+    shards = plan.train if train else plan.test
+    make = (lambda s: data.train_loader(plan, s, 0, 0, 4, 3)) if train else (lambda s: data.eval_loader(shards, s, 0, 1, 3, 0))
+    cpu_batches, gpu_batches = list(make(cpu_spec)), list(make(gpu_spec))
+    assert len(cpu_batches) == len(gpu_batches) > 0
+    calls = []
+    monkeypatch.setattr(data, "_decode_batch", lambda flat, device: calls.append(len(flat)) or data.decode_jpegs(flat))
+    for c, g in zip(cpu_batches, gpu_batches):
+        video, labels, bad = data.materialize(g, gpu_spec, torch.device("cpu"))
+        ref, ref_labels, _ = data.materialize(c, cpu_spec, torch.device("cpu"))
+        assert video.shape == ref.shape and video.dtype == ref.dtype == torch.uint8 and not bad
+        assert torch.equal(labels, ref_labels)
+        diff = (video.float() - ref.float()).abs()
+        if train:  # the same bilinear sampling; OpenCV rounds in fixed point, roi_align in float
+            assert diff.mean() < 0.5
+        else:  # the same resize function on the same decoded frames
+            assert diff.max() == 0
+    assert len(calls) == len(gpu_batches)  # one decode call per batch
+    # Off CUDA (no batched decode) materialize makes the CPU path's clips exactly.
+    monkeypatch.setattr(data, "_decode_batch", lambda flat, device: None)
+    video, _, _ = data.materialize(gpu_batches[0], gpu_spec, torch.device("cpu"))
+    assert torch.equal(video, data.materialize(cpu_batches[0], cpu_spec, torch.device("cpu"))[0])
+
+
+def test_batched_gpu_path_groups_frame_sizes_and_drops_bad_clips(sample_shards):
+    frames = sample_frames(sample_shards, n=2)
+    t = data.ClipTransform(24, True)
+    decoded = [data.decode_jpegs(f) for f in frames]
+    small = [torch.nn.functional.interpolate(torch.stack(d).float(), scale_factor=0.5).to(torch.uint8).unbind(0)
+             for d in decoded[:1]]
+    out = data.clip_batch(t, [decoded[0], small[0], decoded[1]], [1, 2, 3])
+    assert out.shape == (3, len(frames[0]), 3, 24, 24)
+    assert torch.equal(out[0], data.clip_batch(t, [decoded[0]], [1])[0])  # a clip does not depend on its batch
+    assert torch.equal(out[1], data.clip_batch(t, [small[0]], [2])[0])
+    for seed in range(4):  # roi_align (aligned=True) samples where cv2.resize does: within one rounding step
+        cpu = t(torch.stack(decoded[1]), seed).int()
+        assert (data.clip_batch(t, [decoded[1]], [seed])[0].int() - cpu).abs().float().mean() < 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The tar reader against webdataset's
+
+
+def wds_samples(path: Path) -> tuple[list[dict], bool]:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    out, failed = [], False
+    try:
+        with open(path, "rb") as f:
+            out.extend(group_by_keys(tar_file_expander([{"url": str(path), "stream": f}])))
+    except Exception:
+        failed = True
+    return out, failed
+
+
+def our_samples(path: Path) -> tuple[list[dict], bool]:
+    out, failed = [], False
+    try:
+        out.extend(data._shard_samples(str(path)))
+    except Exception:
+        failed = True
+    return out, failed
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT, mode: str = "w") -> Path:
+    with tarfile.open(path, mode, format=fmt) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_tar_reader_gives_webdataset_samples(sample_shards, tmp_path):
+    for url in load_manifest(sample_shards).urls("train")[:2]:
+        assert our_samples(Path(url)) == wds_samples(Path(url))
+    odd = [("dir", None), ("__meta__", b"m"), ("a/b/000.JPG", b"x" * 700), ("a/b/000.cls", b"1"),
+           ("a/b/000.x.y", b"xy"), ("noext", b"n"), ("a.b/c", b"c"), (".hidden", b"h"), ("k1.txt", b""),
+           ("k2.txt", b"2" * 512), ("p" * 120 + "/k3.txt", b"long path: ustar prefix"), ("k3.txt", b"3")]
+    cases = {"ustar": write_tar(tmp_path / "ustar.tar", odd),
+             "gnu": write_tar(tmp_path / "gnu.tar", odd, tarfile.GNU_FORMAT),
+             "pax": write_tar(tmp_path / "pax.tar", odd + [("ünïcode.txt", b"u")], tarfile.PAX_FORMAT),
+             "gzip": write_tar(tmp_path / "gz.tar", odd, mode="w:gz"),
+             "duplicate": write_tar(tmp_path / "dup.tar", [("k.a", b"1"), ("k.a", b"2")]),
+             "empty": tmp_path / "empty.tar", "garbage": tmp_path / "garbage.tar"}
+    cases["empty"].write_bytes(b"")
+    cases["garbage"].write_bytes(b"not a tar at all" * 100)
+    for name, path in cases.items():
+        assert our_samples(path) == wds_samples(path), name
+
+
+def test_tar_reader_cut_or_damaged_anywhere_ends_like_webdataset(sample_shards, tmp_path):
+    url = load_manifest(sample_shards).urls("test")[0]
+    src = Path(url).read_bytes()
+    with tarfile.open(url) as tar:  # cut inside headers, at and just after each member's data end (padding)
+        edges = {x for m in tar.getmembers() for x in (m.offset + 100, m.offset_data + m.size, m.offset_data + m.size + 1)}
+    cuts = sorted({*range(0, len(src), 997), *range(512, len(src), 512), *edges, len(src) - 1024, len(src) - 700})
+    for cut in cuts:
+        p = tmp_path / "cut.tar"
+        p.write_bytes(src[:cut])
+        assert our_samples(p) == wds_samples(p), f"cut at {cut}"
+    for at in (0, 148, 1024 + 5, 3 * 512 + 124):  # a broken checksum / size field / data byte
+        blob = bytearray(src)
+        blob[at] ^= 0x5A
+        p = tmp_path / "flip.tar"
+        p.write_bytes(bytes(blob))
+        assert our_samples(p) == wds_samples(p), f"byte {at}"

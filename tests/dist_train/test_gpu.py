@@ -53,3 +53,26 @@ def test_trains_on_one_gpu_under_torchrun(sample_shards, tmp_path, flags):
     assert not [k for k in ck["model"] if "_orig_mod" in k or k.startswith("module.")]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("perf/gpu_mem_gb" in r for r in rows)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_decode_gpu_materialize_matches_the_cpu_path(sample_shards, train):
+    """--decode gpu: one nvjpeg call + one batched crop/resize per batch, against the CPU workers' clips."""
+    m = load_manifest(sample_shards)
+    tf = data.ClipTransform(24, train, 0.5, True)
+    cpu = data.SampleSpec(m.n_frames, m.num_classes, tf, "skip")
+    gpu = data.SampleSpec(m.n_frames, m.num_classes, tf, "skip", decode="gpu")
+    plan = data.make_plan(m, 1, 3)
+    if train:
+        batches = [list(data.train_loader(plan, s, 0, 0, 4, 3)) for s in (cpu, gpu)]
+    else:
+        batches = [list(data.eval_loader(plan.test, s, 0, 1, 3, 0)) for s in (cpu, gpu)]
+    dev = torch.device("cuda")
+    for c, g in zip(*batches, strict=True):
+        ref, ref_labels, _ = data.materialize(c, cpu, dev)
+        video, labels, bad = data.materialize(g, gpu, dev)
+        assert video.is_cuda and video.shape == ref.shape and video.dtype == ref.dtype == torch.uint8 and not bad
+        assert torch.equal(labels, ref_labels)
+        # Same crops and flips; nvjpeg's decode differs from libjpeg-turbo's (see the test above).
+        assert (video.float() - ref.float()).abs().mean() < 12.0
+        assert torch.allclose(video.float().mean((0, 1, 3, 4)), ref.float().mean((0, 1, 3, 4)), atol=4.0)
