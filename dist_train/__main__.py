@@ -9,7 +9,14 @@ import sys
 import traceback
 
 from dist_train.config import parse_config
-from dist_train.faults import EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, ignore_stop_signals
+from dist_train.faults import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    ConfigError,
+    ignore_stop_signals,
+    release_frames,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(cfg)
         ignore_stop_signals()  # the work is done and saved: exit with this status, not by a late SIGTERM
-        return code
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
+        code = EXIT_CONFIG
+    except KeyboardInterrupt as e:
         print("interrupted: no checkpoint written beyond the last one", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception:
+        code = EXIT_INTERRUPTED
+        release_frames(e)  # lets DataLoader workers stop, or the exit would wait for them forever
+    except Exception as e:
         traceback.print_exc()
-        return EXIT_ERROR
+        code = EXIT_ERROR
+        release_frames(e)
+    return code
 
 
 if __name__ == "__main__":

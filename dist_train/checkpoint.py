@@ -136,6 +136,28 @@ def save_best(state: dict, out: Path) -> Path:
     return path
 
 
+def adopt_best(source: Path, ckpt: dict, out: Path) -> bool:
+    """Make sure ``out`` has the best.pt that ``ckpt`` (loaded from ``source``) refers to (rank 0 only).
+
+    Resuming from a checkpoint of another run folder (``--resume PATH``) leaves ``out`` without the
+    model the restored best-so-far state points at; that run's best.pt is linked in when its selection
+    state matches. False when ``out`` has no best.pt and none fits: model selection must start over.
+    """
+    dst = Path(out) / BEST
+    if dst.is_file():
+        return True
+    source = Path(source)
+    src = (source.parent.parent if source.parent.name == STEP_DIR else source.parent) / BEST
+    try:
+        best = load_checkpoint(src)
+    except (OSError, ValueError):
+        return False
+    if best.get("state", {}).get("best_epoch") != ckpt.get("state", {}).get("best_epoch"):
+        return False
+    _link_atomic(src, dst)
+    return True
+
+
 def clean_tmp(out: Path) -> list[Path]:
     """Delete incomplete ``*.tmp`` checkpoint files left by a killed run; returns what was removed."""
     out = Path(out)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import traceback
 from pathlib import Path
 
 from preprocess.shard_format import write_json_atomic
@@ -94,6 +95,22 @@ def ignore_stop_signals() -> None:
     """
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def release_frames(exc: BaseException) -> None:
+    """Drop what the finished frames of ``exc``'s traceback (and of its chained exceptions) hold.
+
+    A DataLoader error keeps the loader's iterator alive through those frames (in a reference cycle),
+    so its workers are never told to stop; they ignore SIGTERM, so multiprocessing's exit handler,
+    which terminates and then joins them, would wait forever and the rank would never exit. Dropping
+    the references shuts the workers down now. (``gc.collect()`` is no cure: collecting the cycle
+    closes the loader's queues before the iterator can send its workers the stop message.)
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # the frames still running are left alone
+        exc = exc.__cause__ or exc.__context__
 
 
 def write_status(out: Path, state: str, **info) -> None:

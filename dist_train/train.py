@@ -13,7 +13,8 @@ Resume: ``--resume auto`` continues from the newest loadable checkpoint in ``--o
 continues at the saved step (mid-epoch included, data replayed exactly as ``dist_train.data``
 describes) with the same optimizer, scheduler, scaler, RNG states, metrics history and W&B run id.
 Rank 0 picks the file and every rank reads it, so with several nodes ``--out`` must be on a shared
-file system. Stops, exit statuses and test hooks: see ``dist_train.faults``.
+file system. ``--resume PATH`` from another run folder links that folder's best.pt into ``--out``
+(``checkpoint.adopt_best``). Stops, exit statuses and test hooks: see ``dist_train.faults``.
 
 ``results.json`` (written at the end): test ``top1``, ``top5``, ``loss``, ``per_class``, ``confusion``,
 ``n_samples``, ``unreadable`` of best.pt, plus ``epochs``, ``steps`` (global optimizer steps),
@@ -165,7 +166,7 @@ class Trainer:
         run_id = None
         if ckpt:
             run_id = ckpt.get("wandb_run_id")
-            self._restore(ckpt)
+            self._restore(ckpt, resume_from)
         self.log = make_logger(info.is_main, self.out, {**cfg.to_dict(), "classes": self.classes,
                                                         "world_size": info.world_size}, cfg.wandb, run_id,
                                progress=cfg.progress, project=cfg.wandb_project, entity=cfg.wandb_entity,
@@ -211,7 +212,7 @@ class Trainer:
             raise ValueError(value)
         return Path(value) if value else None
 
-    def _restore(self, ckpt: dict) -> None:
+    def _restore(self, ckpt: dict, source: Path) -> None:
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except ValueError as e:
@@ -223,6 +224,12 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         known = {f for f in TrainState.__dataclass_fields__}
         self.state = TrainState(**{k: v for k, v in ckpt["state"].items() if k in known})
+        if self.state.best_epoch >= 0 and not broadcast_object(
+                ckpt_io.adopt_best(source, ckpt, self.out) if self.info.is_main else None):
+            if self.info.is_main:
+                print(f"[dist_train] no best.pt for the checkpoint's best epoch {self.state.best_epoch} next to {source} "
+                      f"or in {self.out}: best.pt will be selected from the epochs still to train", flush=True)
+            self.state.best_top1, self.state.best_epoch = -1.0, -1
         if self.info.rank == 0:  # rank 0 carries the epoch's all-reduced sums so far
             self.epoch_sums = torch.tensor(self.state.epoch_sums, dtype=torch.float64, device=self.info.device)
         old = ckpt["config"]
@@ -386,16 +393,20 @@ class Trainer:
         totals = all_reduce(torch.cat([window[[0, 1, 2, 3, 5]], window.new_tensor([local_wait, seconds])]))
         loss_sum, top1, top5, n, n_bad, wait_frac, secs = totals.tolist()
         world = self.info.world_size
+        per_shard: dict[str, int] = {}
         if n_bad:
             records = [r for rank_records in all_gather_object(bad) for r in rank_records]
             self.state.skipped += int(n_bad)
             for r in records[:20]:
                 self.log.info(f"skipped bad data: shard {r['shard']} sample {r['key']}: {r['reason']}")
+            for r in records:  # by shard name in metrics.jsonl and W&B, so a damaged file can be found
+                per_shard[r["shard"]] = per_shard.get(r["shard"], 0) + r.get("count", 1)
         metrics = {
             "train/loss": loss_sum / n, "train/top1": top1 / n, "train/top5": top5 / n,
             "lr": max(g["lr"] for g in self.optimizer.param_groups), "epoch": self.state.epoch + 1,
             "perf/clips_per_s": n / (secs / world), "perf/data_wait_frac": wait_frac / world,
             "data/skipped_total": self.state.skipped,
+            **{f"data/skipped/{shard}": count for shard, count in per_shard.items()},
         }
         if self.info.device.type == "cuda":
             metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30

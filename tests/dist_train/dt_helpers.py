@@ -17,11 +17,11 @@ TINY = ["--img-size", "32", "--hidden-size", "32", "--batch-size", "2", "--no-pr
         "--ckpt-every-minutes", "0"]
 
 
-def run_trainer(args: list[str], nproc: int | None = 2, timeout: float = 240, env: dict | None = None,
-                cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=nproc -m dist_train ARGS`` (``nproc=None``: plain python).
+def trainer_command(args: list[str], nproc: int | None = 2, env: dict | None = None,
+                    launcher: list[str] = ()) -> tuple[list[str], dict]:
+    """Command and environment of ``torchrun --standalone --nproc_per_node=nproc LAUNCHER -m dist_train ARGS``.
 
-    ``env`` adds variables; a value of None removes one.
+    ``nproc=None``: plain ``python -m dist_train``. ``env`` adds variables; a value of None removes one.
     """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false",
                 "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
@@ -29,8 +29,26 @@ def run_trainer(args: list[str], nproc: int | None = 2, timeout: float = 240, en
     if nproc is None:
         cmd = [sys.executable, "-m", "dist_train", *args]
     else:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "dist_train", *args]
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *launcher, "-m", "dist_train", *args]
+    return cmd, full_env
+
+
+def run_trainer(args: list[str], nproc: int | None = 2, timeout: float = 240, env: dict | None = None,
+                cwd: Path | None = None, launcher: list[str] = ()) -> subprocess.CompletedProcess:
+    """Run the trainer to the end (see ``trainer_command``) and capture its output."""
+    cmd, full_env = trainer_command(args, nproc, env, launcher)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+def start_trainer(args: list[str], log: Path, nproc: int | None = 2, env: dict | None = None,
+                  launcher: list[str] = ()) -> subprocess.Popen:
+    """Start the trainer in a session of its own, stdout and stderr to ``log``; the caller waits or kills.
+
+    torchrun starts every worker in a session of its own too: to kill a run, kill each process of its tree.
+    """
+    cmd, full_env = trainer_command(args, nproc, env, launcher)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
 
 
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:

@@ -87,3 +87,19 @@ def test_unwrap_strips_compile_wrapper(model):
     compiled = torch.compile(model)
     assert ckpt_io.unwrap(compiled) is model
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt_io.unwrap(compiled).state_dict())
+
+
+def test_adopt_best_links_the_source_runs_best_only_when_it_is_the_one_the_state_names(tmp_path, model):
+    """``--resume PATH`` into a new run folder: that folder needs the best.pt the restored state refers to."""
+    src, new, other = tmp_path / "src", tmp_path / "new", tmp_path / "other"
+    last = {**state(6, model), "state": {"best_epoch": 1}}
+    ckpt_io.save_best({**state(3, model), "state": {"best_epoch": 1}}, src)
+    path = ckpt_io.save_last(last, src, keep_last=3)
+    new.mkdir()
+    assert ckpt_io.adopt_best(path, last, new)
+    assert ckpt_io.load_checkpoint(new / ckpt_io.BEST)["step"] == 3
+    assert ckpt_io.load_checkpoint(src / ckpt_io.BEST)["step"] == 3  # the source run keeps its own
+    other.mkdir()
+    assert not ckpt_io.adopt_best(src / ckpt_io.LAST, {**last, "state": {"best_epoch": 2}}, other)
+    assert not ckpt_io.adopt_best(tmp_path / "elsewhere" / "last.pt", last, other)
+    assert not (other / ckpt_io.BEST).exists()
