@@ -11,12 +11,8 @@ common case finish in one decoding pass; when it is wrong a second pass fetches 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -105,35 +101,13 @@ def _open(path: Path) -> cv2.VideoCapture:
     return cap
 
 
-_PREP: ThreadPoolExecutor | None = None
-
-
-def _prep_thread() -> ThreadPoolExecutor:
-    """One helper thread per process that resizes/encodes kept frames while the decoder goes on.
-
-    OpenCV releases the GIL in resize and imencode, so preparing frame k overlaps decoding frame k+1.
-    """
-    global _PREP
-    if _PREP is None:
-        _PREP = ThreadPoolExecutor(1, thread_name_prefix="frame-prep")
-    return _PREP
-
-
-def _forget_prep_thread() -> None:
-    global _PREP
-    _PREP = None  # a forked child has the executor object but not its thread
-
-
-os.register_at_fork(after_in_child=_forget_prep_thread)
-
-
-def _decode_pass(cap: cv2.VideoCapture, wanted: set[int], prepare: Callable[[np.ndarray], Any],
+def _decode_pass(cap: cv2.VideoCapture, wanted: set[int], short_side: int,
                  stop_after: int | None) -> tuple[dict, int]:
-    """Decode from an opened capture (released here); colour-convert and ``prepare`` only ``wanted`` frames.
+    """Decode from an opened capture (released here), colour-converting and resizing only ``wanted`` frames.
 
-    Returns the prepared frames by index and the number of frames that decoded (up to ``stop_after``).
+    Returns the kept frames by index and the number of frames that decoded (up to ``stop_after``).
     """
-    pending: dict[int, Future] = {}
+    kept: dict[int, np.ndarray] = {}
     n = 0
     try:
         while stop_after is None or n <= stop_after:
@@ -143,14 +117,18 @@ def _decode_pass(cap: cv2.VideoCapture, wanted: set[int], prepare: Callable[[np.
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
                     break
-                pending[n] = _prep_thread().submit(prepare, frame)
+                kept[n] = resize_short_side(frame, short_side)
             n += 1
     finally:
         cap.release()
-    return {i: f.result() for i, f in pending.items()}, n
+    return kept, n
 
 
-def _read(path: str | Path, n_frames: int, min_frames: int, prepare: Callable[[np.ndarray], Any]) -> tuple[Clip, list]:
+def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_frames: int = 1) -> Clip:
+    """Decode ``path`` and return ``n_frames`` equally spaced frames over the frames that decode.
+
+    Raises ``VideoError`` with the reason when the file cannot be used.
+    """
     path = Path(path)
     cap = _open(path)  # one open serves the header and the first pass
     header = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
@@ -158,7 +136,7 @@ def _read(path: str | Path, n_frames: int, min_frames: int, prepare: Callable[[n
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
 
     guess = set(select_indices(header, n_frames)) if header > 0 else set()
-    kept, n_decoded = _decode_pass(cap, guess, prepare, None)
+    kept, n_decoded = _decode_pass(cap, guess, short_side, None)
     passes = 1
     if n_decoded == 0:
         raise VideoError("no frame decodes (truncated, corrupt or not a video)")
@@ -168,39 +146,29 @@ def _read(path: str | Path, n_frames: int, min_frames: int, prepare: Callable[[n
     missing = set(indices) - kept.keys()
     if missing:
         # The header count was wrong: fetch the right frames now that the real count is known.
-        extra, n2 = _decode_pass(_open(path), missing, prepare, max(missing))
+        extra, n2 = _decode_pass(_open(path), missing, short_side, max(missing))
         passes = 2
         kept.update(extra)
         if set(indices) - kept.keys():
             raise VideoError(
                 f"decoding is not repeatable: {n_decoded} frames decoded in the first pass, {n2} in the second"
             )
-    clip = Clip(frames=[], indices=indices, n_decoded=n_decoded, header_frames=header, fps=fps, size=size,
-                passes=passes)
-    return clip, [kept[i] for i in indices]
-
-
-def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_frames: int = 1) -> Clip:
-    """Decode ``path`` and return ``n_frames`` equally spaced frames over the frames that decode.
-
-    Raises ``VideoError`` with the reason when the file cannot be used.
-    """
-    clip, frames = _read(path, n_frames, min_frames, partial(resize_short_side, short_side=short_side))
-    clip.frames = frames
-    return clip
-
-
-def _resize_encode(frame: np.ndarray, short_side: int, quality: int) -> tuple[np.ndarray, bytes]:
-    small = resize_short_side(frame, short_side)
-    return small, encode_jpeg(small, quality)
+    return Clip(
+        frames=[kept[i] for i in indices],
+        indices=indices,
+        n_decoded=n_decoded,
+        header_frames=header,
+        fps=fps,
+        size=size,
+        passes=passes,
+    )
 
 
 def read_clip_jpegs(path: str | Path, n_frames: int = 16, short_side: int = 128, quality: int = 90,
                     min_frames: int = 1) -> tuple[Clip, list[bytes]]:
     """``read_clip`` plus the JPEG encoding of its frames: exactly what a packed sample holds."""
-    clip, prepared = _read(path, n_frames, min_frames, partial(_resize_encode, short_side=short_side, quality=quality))
-    clip.frames = [f for f, _ in prepared]
-    return clip, [j for _, j in prepared]
+    clip = read_clip(path, n_frames, short_side, min_frames)
+    return clip, [encode_jpeg(f, quality) for f in clip.frames]
 
 
 def is_video_name(name: str) -> bool:
