@@ -50,15 +50,6 @@ class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the model or data of this run; the message says what differs."""
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DDP and torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 def rng_state() -> dict:
     """This process's RNG states as tensors and plain values (weights_only-safe)."""
     np_state = np.random.get_state()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dist_train import checkpoint as ckpt_io
 from dist_train.data import normalization
-from dist_train.models import input_layout
+from dist_train.models import input_layout, unwrap
 
 FORMATS = ("torchscript", "onnx")
 INPUT, OUTPUT = "clips", "logits"
@@ -98,7 +98,7 @@ def export(model: nn.Module, layout: str, example: Tensor, fmt: str, out: Path) 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Export what inference runs: eval mode (dropout off, BatchNorm running stats), fp32, CPU, plain layout.
     # (on a copy: the caller's model keeps its mode, device and memory format)
-    model = copy.deepcopy(ckpt_io.unwrap(model)).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    model = copy.deepcopy(unwrap(model)).cpu().float().eval().to(memory_format=torch.contiguous_format)
     example = example.detach().cpu().float().contiguous()
     with _quiet(), torch.no_grad():
         if fmt == "torchscript":

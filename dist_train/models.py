@@ -159,8 +159,8 @@ def input_layout(name: str) -> str:
     return "BTCHW" if name == "cnn_rnn" else "BCTHW"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP keeps the model in .module, torch.compile in ._orig_mod.
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
@@ -170,7 +170,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def trunk_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The backbone's parameters (everything but the RNN and head / the final fc)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if isinstance(model, CNNRNN):
         return list(model.trunk.parameters())
     if isinstance(model, video_resnet.VideoResNet):

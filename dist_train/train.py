@@ -53,7 +53,7 @@ from dist_train.distributed import (
 )
 from dist_train.faults import EXIT_OK, EXIT_STOPPED, ConfigError, StopRequest, after_step_hooks, write_status
 from dist_train.metrics import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, make_logger, resolve_wandb_mode
-from dist_train.models import build_model, input_layout, trunk_parameters
+from dist_train.models import build_model, input_layout, trunk_parameters, unwrap
 from preprocess.shard_format import load_manifest, write_json_atomic
 
 
@@ -250,7 +250,7 @@ class Trainer:
         if self.info.is_main:
             state = {
                 "format_version": ckpt_io.FORMAT_VERSION,
-                "model": ckpt_io.unwrap(self.model).state_dict(),
+                "model": unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_train import checkpoint as ckpt_io
-from dist_train.models import build_model
+from dist_train.models import build_model, unwrap
 
 
 def state(step: int, model: torch.nn.Module, classes=("a", "b"), **config) -> dict:
@@ -85,8 +85,8 @@ def test_rng_state_round_trip_through_weights_only(tmp_path):
 
 def test_unwrap_strips_compile_wrapper(model):
     compiled = torch.compile(model)
-    assert ckpt_io.unwrap(compiled) is model
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt_io.unwrap(compiled).state_dict())
+    assert unwrap(compiled) is model
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in unwrap(compiled).state_dict())
 
 
 def test_adopt_best_links_the_source_runs_best_only_when_it_is_the_one_the_state_names(tmp_path, model):
