@@ -40,7 +40,7 @@ class TrainConfig:
     on_bad_sample: str = _f("skip", "a corrupt sample or truncated shard: skip it and count it (logged with the "
                                     "shard name) or stop with an error naming the shard", ("skip", "error"))
     val_fraction: float = _f(0.1, "fraction of the train shards held out (whole shards) as the validation set that "
-                                   "selects best.pt; 0 = no validation set, best.pt is then the final model")
+                                   "selects best.pt (top-1, ties to the lower loss); 0 = no validation set, best.pt is the final model")
     test_every: int = _f(1, "also evaluate the test split every N epochs for the curves (0 = only at the end; "
                             "never used for model selection)")
     # model

@@ -65,6 +65,7 @@ class TrainState:
     step: int = 0  # optimizer steps done in total
     step_in_epoch: int = 0  # optimizer steps done in ``epoch``
     best_top1: float = -1.0
+    best_loss: float = float("inf")  # validation loss of the best epoch: breaks top-1 ties
     best_epoch: int = -1
     skipped: int = 0  # bad training samples skipped so far (all ranks)
     history: list = field(default_factory=list)  # one dict of metrics per finished epoch
@@ -229,7 +230,7 @@ class Trainer:
             if self.info.is_main:
                 print(f"[dist_train] no best.pt for the checkpoint's best epoch {self.state.best_epoch} next to {source} "
                       f"or in {self.out}: best.pt will be selected from the epochs still to train", flush=True)
-            self.state.best_top1, self.state.best_epoch = -1.0, -1
+            self.state.best_top1, self.state.best_loss, self.state.best_epoch = -1.0, float("inf"), -1
         if self.info.rank == 0:  # rank 0 carries the epoch's all-reduced sums so far
             self.epoch_sums = torch.tensor(self.state.epoch_sums, dtype=torch.float64, device=self.info.device)
         old = ckpt["config"]
@@ -429,9 +430,11 @@ class Trainer:
             self.scheduler.step(results["val"]["loss"] if "val" in results else record["train/loss"])
         for split, r in results.items():
             record.update({f"{split}/{k}": r[k] for k in ("loss", "top1", "top5")})
-        improved = "val" in results and results["val"]["top1"] > st.best_top1
+        val = results.get("val")
+        # Top-1 saturates early on small validation sets; among equal top-1, keep the lower loss.
+        improved = val is not None and (val["top1"], -val["loss"]) > (st.best_top1, -st.best_loss)
         if improved:
-            st.best_top1, st.best_epoch = results["val"]["top1"], epoch
+            st.best_top1, st.best_loss, st.best_epoch = val["top1"], val["loss"], epoch
         improved |= not self.plan.val and epoch == cfg.epochs  # no validation data: keep the final model
         st.history.append(record)
         self.log.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, st.step)
