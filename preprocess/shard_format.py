@@ -13,7 +13,6 @@ Nothing outside this module spells out member names, shard names or the manifest
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -60,52 +59,88 @@ def is_shard_name(name: str) -> bool:
 # Writing
 
 
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header ``tarfile`` writes for a regular file with the fixed fields below.
+
+    Mode 0644, uid/gid 0, empty user/group names, mtime 0: byte for byte what
+    ``tarfile.open(mode="w", format=tarfile.USTAR_FORMAT).addfile`` writes for such a member, made
+    here in one step (tarfile's generic path costs ~30 us per member, a tenth of a frame's encode).
+    """
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than 100 bytes")
+    if size >= 8**11:
+        raise ValueError(f"tar member {name!r} is too large for a ustar header ({size} bytes)")
+    head = bytearray(_HEADER_TEMPLATE)
+    head[0:len(raw)] = raw
+    head[124:136] = b"%011o\0" % size
+    head[148:155] = b"%06o\0" % sum(head)  # checksum over the header with its own field as spaces
+    return bytes(head)
+
+
+def _header_template() -> bytes:
+    h = bytearray(TAR_BLOCK)
+    h[100:124] = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+    h[136:148] = b"00000000000\0"  # mtime 0
+    h[148:156] = b" " * 8  # checksum placeholder
+    h[156] = ord(tarfile.REGTYPE)
+    h[257:265] = tarfile.POSIX_MAGIC  # "ustar\0" + version "00"
+    return bytes(h)
+
+
+TAR_BLOCK = tarfile.BLOCKSIZE
+_HEADER_TEMPLATE = _header_template()
+
+
 class ShardWriter:
     """Writes one tar deterministically (fixed mtime/owner, given member order), atomically.
 
     The tar is written to ``<name>.tmp`` and renamed on ``close()``: an interrupted run never
-    leaves a file that looks like a complete shard.
+    leaves a file that looks like a complete shard. The bytes are exactly what ``tarfile`` writes
+    (ustar, end-of-archive zero blocks, padded to 10 kB records); the sha256 is taken as they are written.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         self._file = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._hash = hashlib.sha256()
+        self._size = 0
         self.count = 0
 
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+    def _write(self, parts: list[bytes]) -> None:
+        data = b"".join(parts)
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(data)
 
     def write(self, key: str, frames: list[bytes], label: int, meta: dict) -> None:
         """Append one sample: JPEG-encoded frames in order, its label and metadata."""
         if "." in key:
             raise ValueError(f"sample key {key!r} must not contain a dot")
-        for name, data in zip(frame_fields(len(frames)), frames):
-            self._add(f"{key}.{name}", data)
-        self._add(f"{key}.{LABEL_FIELD}", str(int(label)).encode("ascii"))
-        self._add(f"{key}.{META_FIELD}", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        members = list(zip(frame_fields(len(frames)), frames))
+        members.append((LABEL_FIELD, str(int(label)).encode("ascii")))
+        members.append((META_FIELD, json.dumps(meta, sort_keys=True).encode("utf-8")))
+        parts = []
+        for name, data in members:
+            parts += (tar_header(f"{key}.{name}", len(data)), data, bytes(-len(data) % TAR_BLOCK))
+        self._write(parts)
         self.count += 1
 
     def close(self) -> dict:
         """Finish the tar, rename it into place and return its manifest entry."""
-        self._tar.close()
+        end = 2 * TAR_BLOCK  # two zero blocks, then zeros up to a whole record, as tarfile ends an archive
+        end += -(self._size + end) % tarfile.RECORDSIZE
+        self._write([bytes(end)])
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
-        return {"name": self.path.name, "count": self.count, "sha256": sha256_file(self.path)}
+        return {"name": self.path.name, "count": self.count, "sha256": self._hash.hexdigest()}
 
     def abort(self) -> None:
         """Drop the unfinished tar."""
         try:
-            self._tar.close()
             self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -73,6 +74,39 @@ def test_shards_readable_by_tar_and_match_manifest(sample_shards):
             assert all("." not in k for k in keys)
             assert len(names) == info.count * (16 + 2)
     assert not list(sample_shards.glob("*.tmp"))
+
+
+def _tarfile_bytes(samples) -> bytes:
+    """What Python's tarfile writes for ``samples`` with the fields ShardWriter fixes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, frames, label, meta in samples:
+            members = list(zip(fmt.frame_fields(len(frames)), frames))
+            members += [(fmt.LABEL_FIELD, str(label).encode()), (fmt.META_FIELD, json.dumps(meta, sort_keys=True).encode())]
+            for name, data in members:
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(data), 0, 0o644, 0, 0, "", "")
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("n_samples", [0, 1, 7])
+def test_shard_writer_writes_what_tarfile_writes(tmp_path, n_samples):
+    rng = np.random.default_rng(n_samples)
+    sizes = [0, 1, 511, 512, 513, 4096]  # padding edge cases, then random sizes
+    samples = [(fmt.sample_key(i), [rng.bytes(int(sizes[j]) if j < len(sizes) else int(rng.integers(0, 5000)))
+                                    for j in range(16)], int(rng.integers(0, 51)), {"path": f"cls/vid é {i}.avi"})
+               for i in range(n_samples)]
+    w = fmt.ShardWriter(tmp_path / "x.tar")
+    for s in samples:
+        w.write(*s)
+    info = w.close()
+    got = (tmp_path / "x.tar").read_bytes()
+    assert got == _tarfile_bytes(samples)
+    assert info["sha256"] == fmt.sha256_file(tmp_path / "x.tar") and info["count"] == n_samples
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        fmt.tar_header("k" * 101, 1)
 
 
 def test_same_input_gives_byte_identical_output_for_any_worker_count(sample_videos, tmp_path):
