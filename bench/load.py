@@ -3,8 +3,9 @@
     python -m bench.load [--quick] [--videos N] [--workers W] [--batch-size B] [--repeats K]
 
 Ours: ``train_loader`` over shards packed by ``preprocess.shard`` (tar -> 16 JPEGs -> decode ->
-the same random resized crop + flip for the whole clip -> uint8 batch), then ``to_model_input``
-(float, normalized) in the consuming process, so both sides end at a normalized float batch
+the same random resized crop + flip for the whole clip -> uint8 batch), taken by the consuming
+process with ``materialize`` as the trainer takes it (copied out, buffer released), then
+``to_model_input`` (float, normalized), so both sides end at a normalized float batch
 ``[B, 16, 3, 112, 112]``. Seed: ``bench.baselines.SeedVideoDataset`` over the seed's per-frame JPEG
 folders of the same videos, in a DataLoader with the same workers and batch size.
 
@@ -129,10 +130,12 @@ def child(spec: dict) -> dict:
         tf = D.ClipTransform(spec["size"], train=True)
         sspec = D.SampleSpec(n_frames=m.n_frames, num_classes=m.num_classes, transform=tf, on_bad="skip")
         loader = D.train_loader(plan, sspec, rank=0, epoch=0, seed=0, shuffle_buffer=spec["shuffle_buffer"])
-        stats = D.normalization("cnn_rnn")
+        stats, cpu = D.normalization("cnn_rnn"), torch.device("cpu")
+        # The consumer takes each batch as the trainer does (materialize: copied out, buffer released).
         if spec.get("normalize"):  # the trainer does this on its device; here on the CPU, in the consumer
-            return _time_loader(loader, lambda batch: D.to_model_input(batch["video"], "BTCHW", stats))
-        return _time_loader(loader, lambda batch: batch["video"])
+            return _time_loader(loader, lambda batch: D.to_model_input(D.materialize(batch, sspec, cpu)[0],
+                                                                        "BTCHW", stats))
+        return _time_loader(loader, lambda batch: D.materialize(batch, sspec, cpu)[0])
     if spec["method"] == "decode":
         samples = [f for _, f in _train_samples(shards)]
         decoder = spec["decoder"]

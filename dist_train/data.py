@@ -47,7 +47,9 @@ Clips (CPU): JPEG decoding goes through ``decode_jpegs`` alone (OpenCV's libjpeg
 torchvision's batched nvjpeg on CUDA), so the backend changes in one place. A training clip is cropped
 as a view of each decoded frame and resized with ``cv2.resize`` (bilinear) straight into its slot of
 the batch, which a DataLoader worker allocates in shared memory (as torch's ``default_collate`` does),
-so a batch crosses to the training process without a copy. Frames are stored channels-last: ``video``
+so a batch crosses to the training process without a copy. A worker keeps a few such buffers and
+fills one again once the training process has released its batch (``Batch``: ``materialize`` and
+pinning release), which spares it fresh shared-memory pages for every batch. Frames are stored channels-last: ``video``
 is uint8 ``[B, T, 3, S, S]`` with strides of ``[B, T, S, S, 3]``, which is also the layout the
 channels-last convolutions want. The evaluation transform (short side resized with torchvision's
 anti-aliased ``resize``, centre crop) uses the same function as ``evaluation.SpatialViews``.
@@ -617,17 +619,76 @@ class SampleSpec:
             return _bad(self.on_bad, shard, key, f"{type(e).__name__}: {e}")
 
 
-def _shared_empty(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """An empty tensor, in shared memory inside a DataLoader worker (as ``default_collate`` makes its
-    batches): the worker then hands it to the training process without the copy that pickling a
-    private tensor makes."""
+def _shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """Bytes in shared memory inside a DataLoader worker (as ``default_collate`` makes its batches), so
+    the worker hands them to the training process without the copy that pickling private memory makes."""
     if get_worker_info() is None:
-        return torch.empty(tuple(shape), dtype=dtype)
-    try:  # what default_collate uses (a private API: fall back to the public one, at the cost of a copy)
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+        return torch.UntypedStorage(nbytes)
+    try:  # what default_collate uses (a private API: fall back to the public one)
+        return torch.UntypedStorage._new_shared(nbytes)
     except AttributeError:
-        return torch.empty(tuple(shape), dtype=dtype).share_memory_()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+        return torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()
+
+
+def _view(storage: torch.UntypedStorage, offset: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A ``dtype`` tensor of ``shape`` on ``storage`` from byte ``offset`` (a multiple of its item size)."""
+    return torch.empty(0, dtype=dtype).set_(storage, offset // torch.empty((), dtype=dtype).element_size(),
+                                            tuple(shape))
+
+
+def _shared_empty(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An empty tensor on ``_shared_storage``."""
+    return _view(_shared_storage(math.prod(shape) * torch.empty((), dtype=dtype).element_size()), 0, shape, dtype)
+
+
+class Batch(dict):
+    """A batch as the loaders yield it: a dict (``video``, ``label``, ``bad``, ...), possibly with a ``lease``.
+
+    On the CPU path a worker writes video and labels into a buffer it lends with the batch (``lease``,
+    one byte of that buffer, 1 while lent) and fills again once the batch is released: ``release()``
+    after copying video and labels out (``materialize`` does), or ``pin_memory()`` (the DataLoader's
+    pin thread) after pinning them. Reusing buffers spares the worker fresh shared-memory pages for
+    every batch; a batch that is never released costs its worker a new buffer, never its data.
+    """
+
+    def release(self) -> None:
+        """Hand the buffer back to the worker: ``video`` and ``label`` may be overwritten from now on."""
+        lease = self.pop("lease", None)
+        if lease is not None:
+            lease.fill_(0)
+
+    def pin_memory(self, device=None) -> Batch:
+        """A pinned copy (what DataLoader's ``pin_memory=True`` calls); releases this batch's buffer."""
+        pinned = Batch({k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                        for k, v in self.items() if k != "lease"})
+        self.release()
+        return pinned
+
+
+class _BufferRing:
+    """A worker's batch buffers (video ``[B, T, S, S, 3]`` uint8, labels ``[B]`` int64, a lease byte):
+    a buffer is filled again only after its batch was released; never more than ``keep`` are kept."""
+
+    def __init__(self, batch_size: int, clip_shape: Sequence[int], keep: int = 4):
+        self.video_shape = (batch_size, *clip_shape)
+        self.label_at = -(-math.prod(self.video_shape) // 8) * 8
+        self.lease_at = self.label_at + 8 * batch_size
+        self.keep, self.buffers = keep, []
+
+    def lend(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(video, labels, lease)`` views of a free buffer, marked lent."""
+        free = [buf for buf in self.buffers if int(buf[2]) == 0]
+        if free:
+            buf = free[0]
+        else:
+            st = _shared_storage(self.lease_at + 1)
+            buf = (_view(st, 0, self.video_shape, torch.uint8),
+                   _view(st, self.label_at, (self.video_shape[0],), torch.int64),
+                   _view(st, self.lease_at, (1,), torch.uint8))
+            if len(self.buffers) < self.keep:
+                self.buffers.append(buf)
+        buf[2].fill_(1)
+        return buf
 
 
 class _Batch:
@@ -637,8 +698,11 @@ class _Batch:
         self.spec, self.size = spec, size
         # Plain transforms have a known output shape, so each clip is written into its slot.
         self.direct = spec.decode != "gpu" and _plain(spec.transform)
-        self.buf: torch.Tensor | None = None
-        self.slots: np.ndarray | None = None  # numpy view of buf, [B, T, S, S, 3]
+        if self.direct:
+            s = spec.transform.size
+            self.ring = _BufferRing(size, (spec.n_frames, s, s, 3))
+        self.buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # video, labels, lease
+        self.slots: np.ndarray | None = None  # numpy view of the video buffer, [B, T, S, S, 3]
         self.items: list = []
         self.labels: list[int] = []
         self.seeds: list[int] = []
@@ -651,9 +715,8 @@ class _Batch:
         out = None
         if self.direct:
             if self.buf is None:
-                s = self.spec.transform.size
-                self.buf = _shared_empty((self.size, self.spec.n_frames, s, s, 3))
-                self.slots = self.buf.numpy()
+                self.buf = self.ring.lend()
+                self.slots = self.buf[0].numpy()
             out = self.slots[len(self.labels)]
         res = self.spec.clip(sample, seed, out)
         if isinstance(res, dict):
@@ -664,17 +727,19 @@ class _Batch:
         self.seeds.append(0 if seed is None else seed)
         return None
 
-    def take(self) -> dict:
+    def take(self) -> Batch:
         """The batch (``video``, or ``jpegs`` + ``seed`` for decode=gpu, and ``label``); empties this one."""
         n = len(self.labels)
         if self.spec.decode == "gpu":
-            out = {"jpegs": self.items, "seed": torch.tensor(self.seeds)}
+            out = Batch(jpegs=self.items, seed=torch.tensor(self.seeds), label=torch.tensor(self.labels))
         elif self.direct:
-            out = {"video": self.buf[:n].permute(0, 1, 4, 2, 3)}  # [B, T, 3, S, S], channels-last strides
+            video, labels, lease = self.buf
+            labels[:n] = torch.tensor(self.labels)
+            # video [B, T, 3, S, S] with channels-last strides; the lease last, after what it covers
+            out = Batch(video=video[:n].permute(0, 1, 4, 2, 3), label=labels[:n], lease=lease)
         else:
-            out = {"video": torch.stack(self.items, out=_shared_empty((n, *self.items[0].shape),
-                                                                      self.items[0].dtype))}
-        out["label"] = torch.tensor(self.labels)
+            out = Batch(video=torch.stack(self.items, out=_shared_empty((n, *self.items[0].shape), self.items[0].dtype)),
+                        label=torch.tensor(self.labels))
         self.buf, self.items, self.labels, self.seeds = None, [], [], []
         return out
 
@@ -728,7 +793,9 @@ class TrainStream(IterableDataset):
                 pending.append(bad)
                 continue
             if len(batch) == self.plan.batch_size:
-                yield {**batch.take(), "bad": list(pending), "pos": pos, "worker": worker}
+                out = batch.take()
+                out.update(bad=list(pending), pos=pos, worker=worker)
+                yield out
                 pending.clear()
                 quota -= 1
                 if quota == 0:
@@ -771,11 +838,15 @@ class EvalStream(IterableDataset):
                     continue
                 keys.append(sample["__key__"])
                 if len(batch) == self.batch_size:
-                    yield {**batch.take(), "bad": list(pending), "keys": keys}
+                    out = batch.take()
+                    out.update(bad=list(pending), keys=keys)
+                    yield out
                     pending.clear()
                     keys = []
         if len(batch) or pending:
-            yield {**(batch.take() if len(batch) else {}), "bad": list(pending), "keys": keys}
+            out = batch.take() if len(batch) else Batch()
+            out.update(bad=list(pending), keys=keys)
+            yield out
 
 
 def _loader(dataset: IterableDataset, workers: int, pin: bool, seed: int, rank: int) -> DataLoader:
@@ -824,7 +895,16 @@ def materialize(batch: dict, spec: SampleSpec, device: torch.device) -> tuple[to
     """
     bad = list(batch.get("bad", []))
     if "video" in batch:
-        return batch["video"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True), bad
+        video, labels = batch["video"], batch["label"]
+        if "lease" not in batch:  # pinned already, or a private buffer
+            return video.to(device, non_blocking=True), labels.to(device, non_blocking=True), bad
+        # A worker's lent buffer: copy out (synchronously), then hand it back for the next batch.
+        if device.type == "cpu":
+            video, labels = video.clone(), labels.clone()
+        else:
+            video, labels = video.to(device), labels.to(device)
+        batch.release()
+        return video, labels, bad
     if "jpegs" not in batch:
         return torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device), bad
     seeds = [s if spec.transform.train else None for s in batch["seed"].tolist()]

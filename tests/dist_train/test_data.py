@@ -119,6 +119,51 @@ def test_mid_epoch_replay_is_exact(sample_shards):
                    for a, b in zip(full[start:], rest))
 
 
+def test_buffer_ring_reuses_only_released_buffers():
+    ring = data._BufferRing(batch_size=2, clip_shape=(3, 4, 4, 3), keep=2)
+    a, b = ring.lend(), ring.lend()
+    assert a[0].data_ptr() != b[0].data_ptr() and int(a[2]) == int(b[2]) == 1
+    c = ring.lend()  # both kept buffers are lent: a new one, not kept
+    assert c[0].data_ptr() not in (a[0].data_ptr(), b[0].data_ptr()) and len(ring.buffers) == 2
+    data.Batch(video=b[0], label=b[1], lease=b[2]).release()
+    assert ring.lend()[0].data_ptr() == b[0].data_ptr()  # the released one comes back, marked lent again
+    assert int(b[2]) == 1 and ring.lend()[0].data_ptr() not in (a[0].data_ptr(), b[0].data_ptr())
+    # video, labels and lease share one buffer; labels and lease lie past the video bytes
+    assert a[0].untyped_storage().data_ptr() == a[1].untyped_storage().data_ptr() == a[2].untyped_storage().data_ptr()
+    assert a[0].data_ptr() + a[0].numel() <= a[1].data_ptr() < a[2].data_ptr()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_released_buffers_are_refilled_without_touching_what_materialize_returned(sample_shards, workers):
+    """Reused worker buffers (released by materialize, across real worker processes) give exactly the
+    batches of a run that never releases: there all batches stay untouched while held (own buffers)."""
+    m = load_manifest(sample_shards)
+    plan = data.make_plan(m, world_size=1, batch_size=1, workers=workers)
+    sp, cpu = spec(m), torch.device("cpu")
+    kept = [(b["video"], b["label"]) for b in data.train_loader(plan, sp, 0, epoch=0, seed=3, shuffle_buffer=4)]
+    reused = []
+    for b in data.train_loader(plan, sp, 0, epoch=0, seed=3, shuffle_buffer=4):
+        assert "lease" in b
+        video, labels, _ = data.materialize(b, sp, cpu)
+        assert "lease" not in b and video.data_ptr() != b["video"].data_ptr()
+        reused.append((video, labels))
+    # more batches per worker than the 4 buffers a worker keeps
+    assert len(reused) == len(kept) == plan.micro_batches_per_epoch > 4 * max(1, workers)
+    assert all(torch.equal(v, w) and torch.equal(y, z) for (v, y), (w, z) in zip(reused, kept))
+
+
+def test_pinning_copies_then_releases(monkeypatch):
+    """DataLoader's pin thread calls Batch.pin_memory: the copy comes first, the release after it."""
+    ring = data._BufferRing(batch_size=1, clip_shape=(1, 2, 2, 3), keep=1)
+    video, labels, lease = ring.lend()
+    video.fill_(7)
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: seen.append(int(lease)) or t.clone())
+    pinned = data.Batch(video=video, label=labels, lease=lease, bad=[]).pin_memory()
+    assert "lease" not in pinned and int(lease) == 0 and seen == [1, 1]  # both copies made while still lent
+    assert pinned["video"].data_ptr() != video.data_ptr() and int(pinned["video"].min()) == 7
+
+
 def eval_keys(shards, m, world, workers, on_bad="skip", batch=3):
     keys, bad = [], []
     for rank in range(world):

@@ -76,3 +76,17 @@ def test_decode_gpu_materialize_matches_the_cpu_path(sample_shards, train):
         # Same crops and flips; nvjpeg's decode differs from libjpeg-turbo's (see the test above).
         assert (video.float() - ref.float()).abs().mean() < 12.0
         assert torch.allclose(video.float().mean((0, 1, 3, 4)), ref.float().mean((0, 1, 3, 4)), atol=4.0)
+
+
+def test_pinned_batches_release_their_worker_buffers(sample_shards):
+    """pin_memory=True: the pin thread copies each batch, then releases its buffer; the pinned batches
+    equal the batches of a run that holds every buffer (no reuse), across 2 worker processes."""
+    m = load_manifest(sample_shards)
+    sp = data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(24, True), "skip")
+    plan = data.make_plan(m, 1, 1, workers=2)
+    held = list(data.train_loader(plan, sp, 0, 0, 7, 4))
+    pinned = list(data.train_loader(plan, sp, 0, 0, 7, 4, pin=True))
+    assert len(pinned) == len(held) > 8
+    for h, p in zip(held, pinned, strict=True):
+        assert "lease" in h and "lease" not in p and p["video"].is_pinned()
+        assert torch.equal(p["video"], h["video"]) and torch.equal(p["label"], h["label"])
