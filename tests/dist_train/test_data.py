@@ -375,6 +375,8 @@ def test_make_clip_writes_into_out_and_is_deterministic(sample_shards):
         from torchvision.io import encode_jpeg
 
         data.make_clip([frames[0], encode_jpeg(other).numpy().tobytes()], t, 0)
+    with pytest.raises(ValueError, match="different sizes"):  # frame by frame into a batch slot
+        data.make_clip([frames[0], encode_jpeg(other).numpy().tobytes()], t, 0, out=out[:2])
 
 
 def test_worker_batches_arrive_in_shared_memory_channels_last(sample_shards):
