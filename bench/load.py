@@ -3,7 +3,8 @@
     python -m bench.load [--quick] [--videos N] [--workers W] [--batch-size B] [--repeats K]
 
 Ours: ``train_loader`` over shards packed by ``preprocess.shard`` (tar -> 16 JPEGs -> decode ->
-the same random resized crop + flip for the whole clip -> uint8 batch), taken by the consuming
+the trainer's default training crop, a random 112-pixel square of the stored frames + flip, the same
+for the whole clip -> uint8 batch; ``ours_resized_*`` uses ``--train-crop resized`` instead), taken by the consuming
 process with ``materialize`` as the trainer takes it (copied out, buffer released), then
 ``to_model_input`` (float, normalized), so both sides end at a normalized float batch
 ``[B, 16, 3, 112, 112]``. Seed: ``bench.baselines.SeedVideoDataset`` over the seed's per-frame JPEG
@@ -131,7 +132,7 @@ def child(spec: dict) -> dict:
 
         m = load_manifest(shards)
         plan = D.make_plan(m, world_size=1, batch_size=b, workers=w)
-        tf = D.ClipTransform(spec["size"], train=True)
+        tf = D.ClipTransform(spec["size"], train=True, crop=spec.get("crop", "random"))
         sspec = D.SampleSpec(n_frames=m.n_frames, num_classes=m.num_classes, transform=tf, on_bad="skip")
         def make(epoch):
             return D.train_loader(plan, sspec, rank=0, epoch=epoch, seed=0, shuffle_buffer=spec["shuffle_buffer"])
@@ -205,6 +206,7 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
         variants[f"ours_w{w}"] = {"method": "ours", "workers": w}
     w0 = worker_counts[0]
     variants[f"ours_norm_w{w0}"] = {"method": "ours", "workers": w0, "normalize": True}
+    variants[f"ours_resized_w{w0}"] = {"method": "ours", "workers": w0, "crop": "resized"}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(repeats):
         for k, spec in variants.items():
@@ -234,8 +236,9 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
 
     inputs = {"videos": describe(_input_folder_of(shards)), "clips_per_epoch": best[f"ours_w{w0}"]["clips"],
               "batch_size": batch_size, "workers": worker_counts, "size": size, "repeats": repeats,
-              "ours": "dist_train.data.train_loader, uint8 clips (the trainer normalizes on its device; "
-                      "ours_norm_* adds to_model_input on the CPU), shuffle buffer 64",
+              "ours": "dist_train.data.train_loader, uint8 clips, default --train-crop random (the trainer "
+                      "normalizes on its device; ours_norm_* adds to_model_input on the CPU; ours_resized_* uses "
+                      "--train-crop resized), shuffle buffer 64",
               "seed": "SeedVideoDataset: PIL open, Resize((112,112)), ToTensor, Normalize per frame; full-size JPEGs",
               "epochs": {"ours_and_decode": epochs, "seed": 1},
               "statistic": "best of repeats; timing from each epoch's first batch to its end, summed over epochs"}
@@ -243,6 +246,7 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
              "decode_ms_per_clip": {k: round(1e3 / cps[k], 2) for k in ("decode_ours", "decode_cv2", "decode_pil")},
              "ms_per_clip_per_worker": {k: round(v, 2) for k, v in ms_per_clip_worker.items()},
              "ours_with_cpu_normalize_vs_seed": round(per_worker[f"ours_norm_w{w0}"] / per_worker[f"seed_w{w0}"], 3),
+             "ours_resized_crop_vs_decode": round(ms_per_clip_worker[f"ours_resized_w{w0}"] / decode_ms, 3),
              "runs": runs}
     return result(NAME, checks, inputs, extra)
 

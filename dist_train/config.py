@@ -17,6 +17,7 @@ from typing import Any
 import tomllib
 
 MODEL_NAMES = ("cnn_rnn", "r3d_18", "mc3_18", "r2plus1d_18")  # kept equal to models.MODELS by a test
+TRAIN_CROPS = ("random", "resized")  # kept equal to data.CROPS by a test
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -30,8 +31,13 @@ class TrainConfig:
     # data and run folder
     shards: str = _f("shards", "shard folder holding manifest.json (made by python -m preprocess.shard)")
     out: str = _f("", "run folder for checkpoints, logs, metrics.jsonl, plots and results.json (required)")
-    img_size: int = _f(112, "training crop size in pixels (square); evaluation resizes the short side and centre-crops")
-    crop_scale: float = _f(0.5, "smallest area fraction of the random resized crop (the same crop for every frame of a clip)")
+    img_size: int = _f(112, "clip size in pixels (square crops of the stored frames)")
+    train_crop: str = _f("random", "training crop, the same for every frame of a clip: random (an img-size square of "
+                                   "the stored frames, no resize; evaluation takes the centre one: torchvision's video "
+                                   "recipe, and the fastest) or resized (random resized crop, area --crop-scale..1, "
+                                   "aspect 3/4..4/3; evaluation resizes the short side to img-size, then centre-crops)",
+                         TRAIN_CROPS)
+    crop_scale: float = _f(0.5, "smallest area fraction of the random resized crop (--train-crop resized)")
     hflip: bool = _f(True, "random horizontal flip of whole clips; turn off when classes depend on left/right direction")
     workers: int = _f(4, "DataLoader worker processes per training process (0 = load in the main process)")
     shuffle_buffer: int = _f(256, "samples in each worker's shuffle buffer (0 = keep shard order)")

@@ -45,14 +45,15 @@ webdataset's iterators instead.
 
 Clips (CPU): JPEG decoding goes through ``decode_jpegs`` alone (OpenCV's libjpeg-turbo on the CPU,
 torchvision's batched nvjpeg on CUDA), so the backend changes in one place. A training clip is cropped
-as a view of each decoded frame and resized with ``cv2.resize`` (bilinear) straight into its slot of
-the batch, which a DataLoader worker allocates in shared memory (as torch's ``default_collate`` does),
-so a batch crosses to the training process without a copy. A worker keeps a few such buffers and
-fills one again once the training process has released its batch (``Batch``: ``materialize`` and
-pinning release), which spares it fresh shared-memory pages for every batch. Frames are stored channels-last: ``video``
-is uint8 ``[B, T, 3, S, S]`` with strides of ``[B, T, S, S, 3]``, which is also the layout the
-channels-last convolutions want. The evaluation transform (short side resized with torchvision's
-anti-aliased ``resize``, centre crop) uses the same function as ``evaluation.SpatialViews``.
+as a view of each decoded frame and copied (``crop="random"``, the default) or resized with
+``cv2.resize`` (bilinear, ``crop="resized"``) straight into its slot of the batch, which a DataLoader
+worker allocates in shared memory (as torch's ``default_collate`` does), so a batch crosses to the
+training process without a copy. A worker keeps a few such buffers and fills one again once the
+training process has released its batch (``Batch``: ``materialize`` and pinning release), which spares
+it fresh shared-memory pages for every batch. Frames are stored channels-last: ``video`` is uint8
+``[B, T, 3, S, S]`` with strides of ``[B, T, S, S, 3]``, which is also the layout the channels-last
+convolutions want. The evaluation transform (``ClipTransform.eval_scale``, then the centre crop) is
+the one ``evaluation.SpatialViews`` uses.
 
 ``decode="gpu"`` moves decoding and cropping into the training process (``materialize``): one batched
 ``decode_jpeg(device="cuda")`` call per batch, then one ``roi_align`` (training crops, bilinear like
@@ -87,6 +88,7 @@ from preprocess.shard_format import Manifest, split_sample
 
 # Per-channel mean/std of the data each family's pretrained weights were trained on.
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CROPS = ("random", "resized")  # ClipTransform.crop
 KINETICS_STATS = ((0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989))
 
 
@@ -259,10 +261,15 @@ def _same_size(frames: Sequence) -> None:
 class ClipTransform:
     """Crop, resize and flip a clip ``[T, 3, H, W]`` (uint8) the same way for all its frames.
 
-    Training: a random resized crop (torchvision's RandomResizedCrop parameters) and a random flip,
-    drawn from ``seed`` alone (``draw``), resized bilinearly (half-pixel centres, no anti-aliasing):
-    ``cv2.resize`` on the CPU, ``roi_align`` on CUDA. Evaluation: the short side resized to ``size``
-    with torchvision's anti-aliased ``resize``, then the centre crop (the resize ``SpatialViews`` uses).
+    ``crop="random"`` (the default; torchvision's video classification recipe for 112-pixel clips of
+    128-pixel frames): training takes a random ``size x size`` crop of the stored frames, no resize;
+    evaluation the centre ``size x size`` crop. Frames smaller than ``size`` are scaled up first (a
+    random square of their short side in training, the short side resized in evaluation).
+    ``crop="resized"``: training takes a random resized crop (torchvision's RandomResizedCrop
+    parameters, area ``crop_scale..1``, aspect ``ratio``) resized bilinearly (half-pixel centres, no
+    anti-aliasing); evaluation resizes the short side to ``size`` with torchvision's anti-aliased
+    ``resize``, then takes the centre crop (the resize ``SpatialViews`` uses). Both: a random flip,
+    all drawn from ``seed`` alone (``draw``); resizing is ``cv2.resize`` on the CPU, ``roi_align`` on CUDA.
     """
 
     size: int
@@ -270,8 +277,18 @@ class ClipTransform:
     crop_scale: float = 0.5
     hflip: bool = True
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop: str = "random"
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
 
     def _crop_box(self, h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+        if self.crop == "random":
+            side = min(h, w, self.size)  # the clip size, or the short side when the frames are smaller
+            top = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+            return top, left, side, side
         # torchvision's RandomResizedCrop.get_params, drawing from an explicit generator.
         area = h * w
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
@@ -306,6 +323,13 @@ class ClipTransform:
             return out
         h, w = frames[0].shape[:2]
         top, left, ch, cw, flip = self.draw(h, w, seed)
+        if (ch, cw) == (s, s):  # a crop at the stored scale: copied (and flipped) into place, no resize
+            for f, o in zip(frames, out):
+                if flip:
+                    cv2.flip(f[top:top + s, left:left + s], 1, dst=o)
+                else:
+                    o[...] = f[top:top + s, left:left + s]
+            return out
         for f, o in zip(frames, out):
             r = cv2.resize(f[top:top + ch, left:left + cw], (s, s), dst=o, interpolation=cv2.INTER_LINEAR)
             if r is not o:  # OpenCV allocated its own output after all
@@ -314,9 +338,14 @@ class ClipTransform:
                 cv2.flip(o, 1, dst=o)
         return out
 
+    def eval_scale(self, clip: torch.Tensor) -> torch.Tensor:
+        """The frames at the scale evaluation crops from (see the class docstring)."""
+        if self.crop == "random" and min(clip.shape[-2:]) >= self.size:
+            return clip
+        return TF.resize(clip, [self.size], antialias=True)
+
     def _eval_crop(self, clip: torch.Tensor) -> torch.Tensor:
-        clip = TF.resize(clip, [self.size], antialias=True)
-        return TF.center_crop(clip, [self.size, self.size])
+        return TF.center_crop(self.eval_scale(clip), [self.size, self.size])
 
     def __call__(self, clip: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """The transformed clip ``[T, 3, size, size]``; ``seed`` draws the training crop and flip."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from dist_train import checkpoint as ckpt_io
 from dist_train import data
 from dist_train.distributed import cleanup, init_distributed
-from dist_train.evaluation import eval_spec, evaluate_shards, most_confused
+from dist_train.evaluation import eval_spec, evaluate_shards, most_confused, train_crop
 from dist_train.metrics import save_confusion_png
 from dist_train.models import input_layout
 from preprocess import shard_format as fmt
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         shards = [data.Shard(url, s.count) for url, s in zip(manifest.urls(a.split), manifest.shards[a.split])]
-        spec = eval_spec(manifest.n_frames, len(classes), cfg["img_size"], a.on_bad_sample, "cpu", a.views)
+        spec = eval_spec(manifest.n_frames, len(classes), cfg["img_size"], train_crop(cfg), a.on_bad_sample, "cpu", a.views)
         model.to(info.device)
         r = evaluate_shards(model, shards, spec, classes=classes, layout=input_layout(cfg["model"]),
                             stats=data.normalization(cfg["model"]), device=info.device, rank=info.rank,

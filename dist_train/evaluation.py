@@ -24,12 +24,12 @@ from dist_train.distributed import all_gather_object, all_reduce
 
 @dataclass(frozen=True)
 class SpatialViews(data.ClipTransform):
-    """Resize the short side, then crop ``views`` squares along the long side: ``[V, T, 3, S, S]``."""
+    """The evaluation scale (``eval_scale``), then ``views`` squares along the long side: ``[V, T, 3, S, S]``."""
 
     views: int = 3
 
     def __call__(self, clip: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        clip = TF.resize(clip, [self.size], antialias=True)
+        clip = self.eval_scale(clip)
         h, w = clip.shape[-2:]
         s = self.size
         if self.views == 1:
@@ -42,10 +42,17 @@ class SpatialViews(data.ClipTransform):
         return torch.stack(crops)
 
 
-def eval_spec(n_frames: int, num_classes: int, img_size: int, on_bad: str, decode: str = "cpu",
+def train_crop(config: dict) -> str:
+    """The training crop mode of a checkpoint's config (checkpoints from before ``--train-crop`` used "resized")."""
+    return config.get("train_crop", "resized")
+
+
+def eval_spec(n_frames: int, num_classes: int, img_size: int, crop: str, on_bad: str, decode: str = "cpu",
               views: int = 1) -> data.SampleSpec:
-    """How evaluation turns samples into clips: the centre crop, or ``views`` spatial crops."""
-    transform = data.ClipTransform(img_size, False) if views == 1 else SpatialViews(img_size, False, views=views)
+    """How evaluation turns samples into clips: the centre crop, or ``views`` spatial crops, at the scale
+    of training mode ``crop`` (``TrainConfig.train_crop``)."""
+    transform = (data.ClipTransform(img_size, False, crop=crop) if views == 1
+                 else SpatialViews(img_size, False, crop=crop, views=views))
     return data.SampleSpec(n_frames, num_classes, transform, on_bad, decode)
 
 

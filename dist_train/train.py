@@ -157,8 +157,9 @@ class Trainer:
         self.stats = data.normalization(cfg.model)
         n_frames = manifest.n_frames
         self.train_spec = data.SampleSpec(n_frames, len(self.classes), data.ClipTransform(
-            cfg.img_size, True, cfg.crop_scale, cfg.hflip), cfg.on_bad_sample, cfg.decode)
-        self.eval_spec = evaluation.eval_spec(n_frames, len(self.classes), cfg.img_size, cfg.on_bad_sample, cfg.decode)
+            cfg.img_size, True, cfg.crop_scale, cfg.hflip, crop=cfg.train_crop), cfg.on_bad_sample, cfg.decode)
+        self.eval_spec = evaluation.eval_spec(n_frames, len(self.classes), cfg.img_size, cfg.train_crop,
+                                              cfg.on_bad_sample, cfg.decode)
         self.state = TrainState()
         self.epoch_sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss*n, top1, top5, n (local)
         self.positions: list[int] | None = None  # this rank's data positions for a mid-epoch resume

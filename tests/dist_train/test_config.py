@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 
-from dist_train.config import MODEL_NAMES, TrainConfig, build_parser, parse_config
+from dist_train.config import MODEL_NAMES, TRAIN_CROPS, TrainConfig, build_parser, parse_config
 
 
 def test_defaults_are_valid_and_flags_override():
@@ -86,3 +86,15 @@ def test_help_documents_every_flag_with_default():
 def test_model_names_match_models_module():
     models = pytest.importorskip("dist_train.models")
     assert MODEL_NAMES == tuple(models.MODELS)
+
+
+def test_train_crops_match_data_module():
+    data = pytest.importorskip("dist_train.data")
+    assert TRAIN_CROPS == data.CROPS and TrainConfig(out="x").train_crop == data.ClipTransform(8, True).crop
+
+
+def test_checkpoints_from_before_train_crop_evaluate_as_they_were_trained():
+    evaluation = pytest.importorskip("dist_train.evaluation")
+    assert evaluation.train_crop({"img_size": 112}) == "resized"  # the only mode there was
+    assert evaluation.train_crop({"train_crop": "random"}) == "random"
+    assert evaluation.eval_spec(16, 2, 112, "random", "skip").transform.crop == "random"

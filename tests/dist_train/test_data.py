@@ -193,8 +193,8 @@ def test_clip_consistent_augmentation():
         assert all(torch.equal(out[0], out[i]) for i in range(8))
     assert len({o[0].sum().item() for o in outs}) > 5  # crops really are random across clips
     assert torch.equal(t(clip, 7), t(clip, 7))  # the seed alone decides
-    no_flip = data.ClipTransform(24, True, 1.0, False)
-    full = data.ClipTransform(24, True, 1.0, True)
+    no_flip = data.ClipTransform(24, True, 1.0, False, crop="resized")
+    full = data.ClipTransform(24, True, 1.0, True, crop="resized")
     # With scale 1 and square-ish ratio range the crop covers the frame: flip or not is then visible.
     seen = {torch.equal(full(clip, s), no_flip(clip, s)) for s in range(16)}
     assert seen == {True, False}
@@ -322,7 +322,8 @@ def test_train_clip_is_the_drawn_crop_resized_bilinearly_and_flipped():
     gen = torch.Generator().manual_seed(0)
     clip = (torch.rand(4, 3, 48, 64, generator=gen) * 255).to(torch.uint8)
     clip = TF.gaussian_blur(clip, [5, 5], [1.5, 1.5])  # smooth: rounding differences stay small
-    for train_tf in (data.ClipTransform(32, True, 0.3, True), data.ClipTransform(72, True, 0.3, True)):
+    for train_tf in (data.ClipTransform(32, True, 0.3, True, crop="resized"),
+                     data.ClipTransform(72, True, 0.3, True, crop="resized")):
         for seed in range(6):
             top, left, h, w, flip = train_tf.draw(48, 64, seed)
             ref = TF.resized_crop(clip, top, left, h, w, [train_tf.size] * 2, antialias=False)
@@ -335,16 +336,17 @@ def test_train_clip_is_the_drawn_crop_resized_bilinearly_and_flipped():
 def test_draw_keeps_the_generator_use():
     # The crop box and flip come from the same torch.Generator calls as before the OpenCV path, so a
     # seed gives the same augmentation as it did (and as torchvision's RandomResizedCrop.get_params).
-    t = data.ClipTransform(24, True, 0.5, True)
+    t = data.ClipTransform(24, True, 0.5, True, crop="resized")
     for seed in range(10):
         gen = torch.Generator().manual_seed(seed)
         box = t._crop_box(40, 56, gen)
         flip = float(torch.rand(1, generator=gen)) < 0.5
         assert t.draw(40, 56, seed) == (*box, flip)
-    assert data.ClipTransform(24, True, 0.5, False).draw(40, 56, 3)[4] is False
+    assert data.ClipTransform(24, True, 0.5, False, crop="resized").draw(40, 56, 3)[4] is False
 
 
-def test_eval_transform_is_the_resize_spatial_views_uses(sample_shards):
+@pytest.mark.parametrize("crop", data.CROPS)
+def test_eval_transform_is_the_one_spatial_views_uses(sample_shards, crop):
     from torchvision.transforms.v2 import functional as TF
 
     from dist_train.evaluation import SpatialViews
@@ -352,12 +354,38 @@ def test_eval_transform_is_the_resize_spatial_views_uses(sample_shards):
     frames = sample_frames(sample_shards, n=1)[0]
     clip = torch.stack(data.decode_jpegs(frames)).contiguous()  # [T, 3, H, W], plain CHW layout
     size = 40
-    ref = TF.center_crop(TF.resize(clip, [size], antialias=True), [size, size])
-    out = data.make_clip(frames, data.ClipTransform(size, False), None)
+    assert min(clip.shape[-2:]) > size
+    # random: the centre square at the stored scale; resized: the short side resized to size first
+    ref = TF.center_crop(clip if crop == "random" else TF.resize(clip, [size], antialias=True), [size, size])
+    out = data.make_clip(frames, data.ClipTransform(size, False, crop=crop), None)
     assert out.shape == ref.shape and out.dtype == torch.uint8 and torch.equal(out, ref)
-    views = data.make_clip(frames, SpatialViews(size, False, views=3), None)  # a subclass: the tensor path
+    views = data.make_clip(frames, SpatialViews(size, False, crop=crop, views=3), None)  # a subclass: the tensor path
     assert views.shape == (3, len(frames), 3, size, size)
-    assert torch.equal(data.make_clip(frames, SpatialViews(size, False, views=1), None)[0], ref)
+    assert torch.equal(data.make_clip(frames, SpatialViews(size, False, crop=crop, views=1), None)[0], ref)
+    h, w = clip.shape[-2:]
+    if crop == "random":  # the outer views are the two ends of the long side, at the stored scale
+        assert torch.equal(views[0], clip[..., (h - size) // 2:(h - size) // 2 + size, :size])
+        assert torch.equal(views[2], clip[..., (h - size) // 2:(h - size) // 2 + size, w - size:])
+
+
+def test_random_crop_is_a_slice_of_the_stored_frames():
+    clip = torch.randint(0, 255, (4, 3, 48, 64), dtype=torch.uint8)
+    t = data.ClipTransform(32, True)
+    flips = set()
+    for seed in range(12):
+        top, left, h, w, flip = t.draw(48, 64, seed)
+        assert (h, w) == (32, 32) and 0 <= top <= 16 and 0 <= left <= 32
+        ref = clip[..., top:top + 32, left:left + 32]
+        assert torch.equal(t(clip, seed), ref.flip(-1) if flip else ref)  # copied exactly, no resampling
+        flips.add(flip)
+    assert flips == {True, False}
+    # Frames smaller than the clip: a random square of the short side, scaled up (still one per clip).
+    small = torch.randint(0, 255, (4, 3, 20, 30), dtype=torch.uint8)
+    top, left, h, w, _ = t.draw(20, 30, 5)
+    assert (h, w) == (20, 20) and top == 0 and 0 <= left <= 10
+    assert t(small, 5).shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="crop must be one of"):
+        data.ClipTransform(32, True, crop="centre")
 
 
 def test_make_clip_writes_into_out_and_is_deterministic(sample_shards):
@@ -401,17 +429,18 @@ def test_eval_batches_with_spatial_views(sample_shards):
 
     m = load_manifest(sample_shards)
     plan = data.make_plan(m, 1, 1)
-    s = eval_spec(m.n_frames, m.num_classes, 24, "error", views=3)
+    s = eval_spec(m.n_frames, m.num_classes, 24, "random", "error", views=3)
     batches = list(data.eval_loader(plan.test, s, 0, 1, 3, workers=1))
     assert sum(len(b["keys"]) for b in batches) == m.count("test")
     assert all(b["video"].shape == (len(b["keys"]), 3, 16, 3, 24, 24) for b in batches)
 
 
+@pytest.mark.parametrize("crop", data.CROPS)
 @pytest.mark.parametrize("train", [True, False])
-def test_batched_gpu_path_matches_the_cpu_path_on_cpu(sample_shards, monkeypatch, train):
+def test_batched_gpu_path_matches_the_cpu_path_on_cpu(sample_shards, monkeypatch, train, crop):
     """--decode gpu: materialize's batched crop+resize (run on the CPU here) against the CPU clips."""
     m = load_manifest(sample_shards)
-    cpu_spec = spec(m, train=train)
+    cpu_spec = data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(24, train, 0.5, True, crop=crop), "skip")
     gpu_spec = data.SampleSpec(m.n_frames, m.num_classes, cpu_spec.transform, "skip", decode="gpu")
     plan = data.make_plan(m, 1, 3)
     shards = plan.train if train else plan.test

@@ -71,7 +71,8 @@ def test_model_rebuilt_from_best_pt_reproduces_logged_test_top1(learned):
     model.load_state_dict(ck["model"])
     model.eval()
     m = load_manifest(learned["shards"])
-    spec = data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(cfg["img_size"], train=False), "error")
+    spec = data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(cfg["img_size"], train=False,
+                                                                       crop=cfg["train_crop"]), "error")
     plan = data.make_plan(m, 1, 1)
     correct = n = 0
     with torch.no_grad():
