@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import shutil
 import sys
@@ -70,6 +71,7 @@ def child(spec: dict) -> dict:
         out.mkdir(parents=True)
     method = spec["method"]
     info: dict = {}
+    os.sync()  # the previous measurement's files go to disk now, not in the background during this one
     t0, c0 = time.perf_counter(), cpu_seconds()
     if method == "decode":
         info["frames"] = _decode_only(videos, spec.get("threads"))
