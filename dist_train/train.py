@@ -132,6 +132,13 @@ class Trainer:
             self.cfg = cfg
             resume_from = self._resume_path()
             ckpt = ckpt_io.load_checkpoint(resume_from) if resume_from else None
+            if ckpt and "train_crop" not in ckpt["config"] and cfg.train_crop != "resized":
+                # Checkpoints from before --train-crop trained (and selected best.pt) with the resized crop:
+                # the run keeps its augmentation and evaluation.
+                if info.is_main:
+                    print(f"[dist_train] {resume_from} was trained with the random resized crop (before --train-crop "
+                          "existed): continuing with --train-crop resized", flush=True)
+                cfg = self.cfg = replace(cfg, train_crop="resized")
             seed_everything(cfg.seed, info.rank)
             model = build_model(cfg.model, len(self.classes), pretrained=None if ckpt else cfg.pretrained,
                                 rnn=cfg.rnn, hidden=cfg.hidden_size, layers=cfg.rnn_layers,

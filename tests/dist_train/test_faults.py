@@ -461,3 +461,18 @@ def test_checkpoint_of_another_class_list_and_model_is_refused_saying_what_diffe
     code, output = launch(["--shards", str(three), "--out", str(tmp_path / "run"), *BASE,
                            "--resume", str(tmp_path / "nothing.pt")], tmp_path / "log2.txt", nproc=None)
     assert code == 2 and "no such checkpoint file" in output, output[-4000:]
+
+
+def test_checkpoint_from_before_train_crop_continues_with_the_resized_crop(sample_shards, reference, tmp_path):
+    """A run trained before --train-crop existed used the random resized crop (and selected best.pt on its
+    evaluation): resuming it keeps that, with a message, rather than switching to the new default."""
+    old = ckpt_io.load_checkpoint(ckpt_io.step_path(reference, STEPS * 2 // 3))
+    old["config"].pop("train_crop")
+    torch.save(old, tmp_path / "old.pt")
+    out = tmp_path / "run"
+    code, output = launch(["--shards", str(sample_shards), "--out", str(out), *BASE, "--resume", str(tmp_path / "old.pt")],
+                          tmp_path / "log.txt", nproc=None)
+    assert code == 0, output[-4000:]
+    assert "was trained with the random resized crop (before --train-crop existed)" in output
+    assert ckpt_io.load_checkpoint(out / "last.pt")["config"]["train_crop"] == "resized"
+    assert json.loads((out / "config.json").read_text())["train_crop"] == "resized"
