@@ -88,8 +88,8 @@ from preprocess.shard_format import Manifest, split_sample
 
 # Per-channel mean/std of the data each family's pretrained weights were trained on.
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-CROPS = ("random", "resized")  # ClipTransform.crop
 KINETICS_STATS = ((0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989))
+CROPS = ("random", "resized")  # ClipTransform.crop
 
 
 class BadDataError(RuntimeError):
