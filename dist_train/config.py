@@ -32,10 +32,11 @@ class TrainConfig:
     shards: str = _f("shards", "shard folder holding manifest.json (made by python -m preprocess.shard)")
     out: str = _f("", "run folder for checkpoints, logs, metrics.jsonl, plots and results.json (required)")
     img_size: int = _f(112, "clip size in pixels (square crops of the stored frames)")
-    train_crop: str = _f("random", "training crop, the same for every frame of a clip: random (an img-size square of "
-                                   "the stored frames, no resize; evaluation takes the centre one: torchvision's video "
-                                   "recipe, and the fastest) or resized (random resized crop, area --crop-scale..1, "
-                                   "aspect 3/4..4/3; evaluation resizes the short side to img-size, then centre-crops)",
+    train_crop: str = _f("random", "training crop, the same for every frame of a clip: random (a square of 7/8 of the "
+                                   "short side resized to img-size, a plain crop for 112 on the default 128-pixel "
+                                   "frames; evaluation takes the centre one: torchvision's video recipe, the fastest) "
+                                   "or resized (random resized crop, area --crop-scale..1, aspect 3/4..4/3; evaluation "
+                                   "resizes the short side to img-size, then centre-crops)",
                          TRAIN_CROPS)
     crop_scale: float = _f(0.5, "smallest area fraction of the random resized crop (--train-crop resized)")
     hflip: bool = _f(True, "random horizontal flip of whole clips; turn off when classes depend on left/right direction")

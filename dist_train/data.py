@@ -261,10 +261,10 @@ def _same_size(frames: Sequence) -> None:
 class ClipTransform:
     """Crop, resize and flip a clip ``[T, 3, H, W]`` (uint8) the same way for all its frames.
 
-    ``crop="random"`` (the default; torchvision's video classification recipe for 112-pixel clips of
-    128-pixel frames): training takes a random ``size x size`` crop of the stored frames, no resize;
-    evaluation the centre ``size x size`` crop. Frames smaller than ``size`` are scaled up first (a
-    random square of their short side in training, the short side resized in evaluation).
+    ``crop="random"`` (the default; torchvision's video classification recipe, 112-pixel crops of
+    128-pixel frames): training takes a random square of 7/8 of the short side, evaluation the centre
+    one, resized to ``size``. With frames packed at ``size * 8 / 7`` (the defaults: 128 and 112) the
+    square is ``size`` already: a plain crop, no resize.
     ``crop="resized"``: training takes a random resized crop (torchvision's RandomResizedCrop
     parameters, area ``crop_scale..1``, aspect ``ratio``) resized bilinearly (half-pixel centres, no
     anti-aliasing); evaluation resizes the short side to ``size`` with torchvision's anti-aliased
@@ -285,7 +285,7 @@ class ClipTransform:
 
     def _crop_box(self, h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
         if self.crop == "random":
-            side = min(h, w, self.size)  # the clip size, or the short side when the frames are smaller
+            side = self._random_side(h, w)
             top = int(torch.randint(0, h - side + 1, (1,), generator=gen))
             left = int(torch.randint(0, w - side + 1, (1,), generator=gen))
             return top, left, side, side
@@ -338,11 +338,16 @@ class ClipTransform:
                 cv2.flip(o, 1, dst=o)
         return out
 
+    def _random_side(self, h: int, w: int) -> int:
+        """Side of the ``crop="random"`` square in ``h x w`` frames: 7/8 of the short side (``size`` at
+        ``size * 8 / 7``), the same field of view for any ``size``."""
+        return min(h, w, max(1, round(min(h, w) * self.size / round(self.size * 8 / 7))))
+
     def eval_scale(self, clip: torch.Tensor) -> torch.Tensor:
-        """The frames at the scale evaluation crops from (see the class docstring)."""
-        if self.crop == "random" and min(clip.shape[-2:]) >= self.size:
-            return clip
-        return TF.resize(clip, [self.size], antialias=True)
+        """The frames at the scale evaluation crops ``size`` squares from: the short side at ``size * 8 / 7``
+        (``crop="random"``, unchanged when already so) or at ``size`` (``crop="resized"``)."""
+        short = round(self.size * 8 / 7) if self.crop == "random" else self.size
+        return clip if min(clip.shape[-2:]) == short else TF.resize(clip, [short], antialias=True)
 
     def _eval_crop(self, clip: torch.Tensor) -> torch.Tensor:
         return TF.center_crop(self.eval_scale(clip), [self.size, self.size])

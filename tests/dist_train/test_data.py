@@ -354,36 +354,35 @@ def test_eval_transform_is_the_one_spatial_views_uses(sample_shards, crop):
     frames = sample_frames(sample_shards, n=1)[0]
     clip = torch.stack(data.decode_jpegs(frames)).contiguous()  # [T, 3, H, W], plain CHW layout
     size = 40
-    assert min(clip.shape[-2:]) > size
-    # random: the centre square at the stored scale; resized: the short side resized to size first
-    ref = TF.center_crop(clip if crop == "random" else TF.resize(clip, [size], antialias=True), [size, size])
+    # random: the short side at 8/7 of the clip size (46), resized: at the clip size; then the centre square
+    scaled = TF.resize(clip, [46 if crop == "random" else size], antialias=True)
+    ref = TF.center_crop(scaled, [size, size])
     out = data.make_clip(frames, data.ClipTransform(size, False, crop=crop), None)
     assert out.shape == ref.shape and out.dtype == torch.uint8 and torch.equal(out, ref)
     views = data.make_clip(frames, SpatialViews(size, False, crop=crop, views=3), None)  # a subclass: the tensor path
     assert views.shape == (3, len(frames), 3, size, size)
     assert torch.equal(data.make_clip(frames, SpatialViews(size, False, crop=crop, views=1), None)[0], ref)
-    h, w = clip.shape[-2:]
-    if crop == "random":  # the outer views are the two ends of the long side, at the stored scale
-        assert torch.equal(views[0], clip[..., (h - size) // 2:(h - size) // 2 + size, :size])
-        assert torch.equal(views[2], clip[..., (h - size) // 2:(h - size) // 2 + size, w - size:])
+    h, w = scaled.shape[-2:]  # the outer views are the two ends of the long side
+    assert w > h and torch.equal(views[0], scaled[..., (h - size) // 2:(h - size) // 2 + size, :size])
+    assert torch.equal(views[2], scaled[..., (h - size) // 2:(h - size) // 2 + size, w - size:])
 
 
-def test_random_crop_is_a_slice_of_the_stored_frames():
-    clip = torch.randint(0, 255, (4, 3, 48, 64), dtype=torch.uint8)
-    t = data.ClipTransform(32, True)
+def test_random_crop_is_seven_eighths_of_the_short_side_and_a_plain_slice_at_the_packed_scale():
+    t = data.ClipTransform(56, True)
+    clip = torch.randint(0, 255, (4, 3, 64, 80), dtype=torch.uint8)  # packed at 56 * 8 / 7 = 64
     flips = set()
     for seed in range(12):
-        top, left, h, w, flip = t.draw(48, 64, seed)
-        assert (h, w) == (32, 32) and 0 <= top <= 16 and 0 <= left <= 32
-        ref = clip[..., top:top + 32, left:left + 32]
+        top, left, h, w, flip = t.draw(64, 80, seed)
+        assert (h, w) == (56, 56) and 0 <= top <= 8 and 0 <= left <= 24
+        ref = clip[..., top:top + 56, left:left + 56]
         assert torch.equal(t(clip, seed), ref.flip(-1) if flip else ref)  # copied exactly, no resampling
         flips.add(flip)
     assert flips == {True, False}
-    # Frames smaller than the clip: a random square of the short side, scaled up (still one per clip).
-    small = torch.randint(0, 255, (4, 3, 20, 30), dtype=torch.uint8)
-    top, left, h, w, _ = t.draw(20, 30, 5)
-    assert (h, w) == (20, 20) and top == 0 and 0 <= left <= 10
-    assert t(small, 5).shape == (4, 3, 32, 32)
+    # Other sizes keep the field of view (7/8 of the short side) and resize it: 112 of 128 for a 64 clip,
+    # 18 of 20 scaled up to 56.
+    assert data.ClipTransform(64, True).draw(128, 171, 3)[2:4] == (112, 112)
+    assert t.draw(20, 30, 5)[2:4] == (18, 18)
+    assert t(torch.randint(0, 255, (4, 3, 20, 30), dtype=torch.uint8), 5).shape == (4, 3, 56, 56)
     with pytest.raises(ValueError, match="crop must be one of"):
         data.ClipTransform(32, True, crop="centre")
 
