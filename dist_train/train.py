@@ -132,13 +132,14 @@ class Trainer:
             self.cfg = cfg
             resume_from = self._resume_path()
             ckpt = ckpt_io.load_checkpoint(resume_from) if resume_from else None
-            if ckpt and "train_crop" not in ckpt["config"] and cfg.train_crop != "resized":
-                # Checkpoints from before --train-crop trained (and selected best.pt) with the resized crop:
+            if ckpt and "train_crop" not in ckpt["config"] and cfg.train_crop != evaluation.train_crop(ckpt["config"]):
+                # A checkpoint from before --train-crop trained (and selected best.pt) with the mode it implies:
                 # the run keeps its augmentation and evaluation.
+                old_crop = evaluation.train_crop(ckpt["config"])
                 if info.is_main:
                     print(f"[dist_train] {resume_from} was trained with the random resized crop (before --train-crop "
-                          "existed): continuing with --train-crop resized", flush=True)
-                cfg = self.cfg = replace(cfg, train_crop="resized")
+                          f"existed): continuing with --train-crop {old_crop}", flush=True)
+                cfg = self.cfg = replace(cfg, train_crop=old_crop)
             seed_everything(cfg.seed, info.rank)
             model = build_model(cfg.model, len(self.classes), pretrained=None if ckpt else cfg.pretrained,
                                 rnn=cfg.rnn, hidden=cfg.hidden_size, layers=cfg.rnn_layers,
