@@ -53,10 +53,16 @@ def command() -> str:
     return shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]) if hasattr(sys, "orig_argv") else " ".join(sys.argv)
 
 
-def check(name: str, ours: float, baseline: float, ratio: float, floor: float, unit: str,
+def check(name: str, ours: float, baseline: float, ratio: float, floor: float | None, unit: str,
           goal: str = ">=", note: str = "") -> dict:
-    """One floor: ``ratio`` (from ``ours`` and ``baseline``) must be ``goal`` (>= or <=) ``floor``."""
-    passed = ratio >= floor if goal == ">=" else ratio <= floor
+    """One floor: ``ratio`` (from ``ours`` and ``baseline``) must be ``goal`` (>= or <=) ``floor``.
+
+    ``floor=None``: a figure reported beside the floors (printed as "(report)"), never a failure.
+    """
+    if floor is None:
+        passed, goal = True, "report"
+    else:
+        passed = ratio >= floor if goal == ">=" else ratio <= floor
     return {"name": name, "ours": ours, "baseline": baseline, "ratio": ratio, "floor": floor,
             "goal": goal, "unit": unit, "passed": bool(passed), "note": note}
 

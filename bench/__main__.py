@@ -41,9 +41,10 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
             continue
         for c in rows(res):
             goal = c.get("goal", ">=")
+            floor, verdict = (("(report)", "") if goal == "report" else
+                              (f"{goal} {_fmt(c['floor'])}", "yes" if c["passed"] else "NO"))
             print(f"| {res['name']} | {c.get('name', res['name'])} | {_fmt(c['ours'])} | {_fmt(c['baseline'])} | "
-                  f"{c.get('unit', '')} | {_fmt(c['ratio'])} | {goal} {_fmt(c['floor'])} | "
-                  f"{'yes' if c['passed'] else 'NO'} |", file=out)
+                  f"{c.get('unit', '')} | {_fmt(c['ratio'])} | {floor} | {verdict} |", file=out)
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,12 @@ Floors (issue 6): ours >= 2.5x the seed's clips/s per worker, and our worker tim
 the time to merely decode the same JPEG frames (``dist_train.data.decode_jpegs``, one process, one
 thread). Each side is timed in a fresh child process from its first batch to the end of the epoch
 (worker start-up excluded on both sides), best of K repeats.
+
+Reported beside the floors: the *clip bound*, the same decode plus the default training crop and flip
+of each clip into one reused buffer (``dist_train.data.make_clip``, in one process: no tar, no
+DataLoader, no batches, no shared memory). Its ratio to the decode is the best a loader producing
+these clips with this decoder can reach; ours against it is the cost of reading shards, shuffling,
+batching and handing batches to the training process.
 """
 
 from __future__ import annotations
@@ -168,6 +174,19 @@ def child(spec: dict) -> dict:
 
             def dec(frames):
                 return [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in frames]
+        elif decoder == "clip":  # decode + the default training crop and flip, into one reused buffer
+            import numpy as np
+
+            from dist_train.data import ClipTransform, make_clip
+
+            tf, slot = ClipTransform(spec["size"], train=True), None
+            count = iter(range(10**9))
+
+            def dec(frames):
+                nonlocal slot
+                if slot is None:
+                    slot = np.empty((len(frames), tf.size, tf.size, 3), np.uint8)
+                return make_clip(frames, tf, next(count), out=slot)
         else:
             raise ValueError(f"unknown decoder {decoder!r}")
         dec(samples[0])  # warm-up
@@ -200,7 +219,8 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
             "shuffle_buffer": 64, "epochs": epochs}
     variants = {"decode_ours": {"method": "decode", "decoder": "ours", "workers": 0},
                 "decode_cv2": {"method": "decode", "decoder": "cv2", "workers": 0},
-                "decode_pil": {"method": "decode", "decoder": "pil", "workers": 0}}
+                "decode_pil": {"method": "decode", "decoder": "pil", "workers": 0},
+                "clip_bound": {"method": "decode", "decoder": "clip", "workers": 0}}
     for w in worker_counts:
         variants[f"seed_w{w}"] = {"method": "seed", "workers": w, "epochs": 1}
         variants[f"ours_w{w}"] = {"method": "ours", "workers": w}
@@ -218,7 +238,7 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
     cps = {k: b["clips"] / b["wall"] for k, b in best.items()}
     per_worker = {k: cps[k] / variants[k]["workers"] for k in cps if variants[k]["workers"]}
     ms_per_clip_worker = {k: 1e3 / v for k, v in per_worker.items()}
-    decode_ms = 1e3 / cps["decode_ours"]
+    decode_ms, clip_ms = 1e3 / cps["decode_ours"], 1e3 / cps["clip_bound"]
     checks = [
         check(f"load_vs_seed_per_worker_w{w0}", round(per_worker[f"ours_w{w0}"], 1),
               round(per_worker[f"seed_w{w0}"], 1),
@@ -226,6 +246,13 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
         check(f"load_vs_decode_floor_w{w0}", round(ms_per_clip_worker[f"ours_w{w0}"], 2), round(decode_ms, 2),
               round(ms_per_clip_worker[f"ours_w{w0}"] / decode_ms, 3), 1.25, "ms/clip per worker", goal="<=",
               note="floor = dist_train.data.decode_jpegs of the same 16 frames, one process, one thread"),
+        check("load_clip_bound_vs_decode", round(clip_ms, 2), round(decode_ms, 2), round(clip_ms / decode_ms, 3),
+              None, "ms/clip",
+              note="decode + training crop and flip into one buffer, one process: the best ratio to the decode "
+                   "that these clips and this decoder allow"),
+        check(f"load_vs_clip_bound_w{w0}", round(ms_per_clip_worker[f"ours_w{w0}"], 2), round(clip_ms, 2),
+              round(ms_per_clip_worker[f"ours_w{w0}"] / clip_ms, 3), None, "ms/clip per worker",
+              note="what the loader adds (shards, shuffle, batches, hand-over) to the per-clip work it cannot avoid"),
     ]
     for w in worker_counts[1:]:
         checks.append(check(f"load_vs_seed_per_worker_w{w}", round(per_worker[f"ours_w{w}"], 1),
@@ -243,7 +270,8 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
               "epochs": {"ours_and_decode": epochs, "seed": 1},
               "statistic": "best of repeats; timing from each epoch's first batch to its end, summed over epochs"}
     extra = {"clips_per_s": {k: round(v, 1) for k, v in cps.items()},
-             "decode_ms_per_clip": {k: round(1e3 / cps[k], 2) for k in ("decode_ours", "decode_cv2", "decode_pil")},
+             "decode_ms_per_clip": {k: round(1e3 / cps[k], 2)
+                                    for k in ("decode_ours", "decode_cv2", "decode_pil", "clip_bound")},
              "ms_per_clip_per_worker": {k: round(v, 2) for k, v in ms_per_clip_worker.items()},
              "ours_with_cpu_normalize_vs_seed": round(per_worker[f"ours_norm_w{w0}"] / per_worker[f"seed_w{w0}"], 3),
              "ours_resized_crop_vs_decode": round(ms_per_clip_worker[f"ours_resized_w{w0}"] / decode_ms, 3),
