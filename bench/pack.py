@@ -10,8 +10,11 @@ with FFmpeg's default thread count and with one thread; the faster of the two is
 Reported beside the floors: the *kept-frames bound*, the decode pass plus only what every frame we
 store costs whatever the packer around it (colour conversion, the anti-aliased resize and the JPEG
 encode of the 16 kept frames, with the packer's own functions; nothing checked, written or hashed).
-Its ratio to the decode floor is the best any packer of this output and this decoder can reach;
-ours against it is the cost of everything else (bad-input checks, tar, manifest, hashing).
+Its ratio to the one-thread decode (``bench.paired_min``: both in one process, compared chunk by chunk
+of 10 videos, so the figure holds on a noisy machine) is the best any packer of this output and this
+decoder can reach; ours against the bound (whole runs, like ours) is the cost of everything else
+(bad-input checks, tar, manifest, hashing), and the bound against the seed is the best vs-seed ratio
+that our per-frame work allows on the machine at hand.
 
 Every measurement runs in a fresh child process, the sides interleaved, best (least disturbed) of
 K repeats. Wall time is what the floors use; CPU time (self + children) is reported beside it as
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import cv2
 
-from bench import WORK, check, cpu_seconds, result, run_child, write_result
+from bench import WORK, check, cpu_seconds, paired_min, result, run_child, write_result
 
 NAME = "pack"
 
@@ -58,7 +61,8 @@ def _decode_only(videos: list[Path], threads: int | None) -> int:
 
 
 def _kept_frames_only(videos: list[Path]) -> int:
-    """Decode every frame; colour-convert, resize and encode the 16 kept ones (PackConfig defaults)."""
+    """Decode every frame; colour-convert and resize the 16 kept ones as they come, then encode them
+    (the order ``read_clip_jpegs`` uses; PackConfig defaults)."""
     from preprocess.frames import encode_jpeg, resize_short_side, select_indices
     from preprocess.shard import PackConfig
 
@@ -68,13 +72,13 @@ def _kept_frames_only(videos: list[Path]) -> int:
     for v in videos:
         cap = cv2.VideoCapture(str(v), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
         kept = set(select_indices(max(1, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))), d.frames))
-        i = 0
+        i, frames = 0, []
         while cap.grab():
             if i in kept:
-                encode_jpeg(resize_short_side(cap.retrieve()[1], d.short_side), d.quality)
-                n += 1
+                frames.append(resize_short_side(cap.retrieve()[1], d.short_side))
             i += 1
         cap.release()
+        n += len([encode_jpeg(f, d.quality) for f in frames])
     return n
 
 
@@ -97,6 +101,11 @@ def child(spec: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
     method = spec["method"]
+    if method == "paired":  # the kept-frames bound beside the one-thread decode, chunk by chunk
+        os.sync()
+        per = paired_min(videos, {"decode": lambda vs: _decode_only(vs, 1), "kept": _kept_frames_only},
+                         chunk=10, rounds=spec["rounds"])
+        return {"decode_ms": 1e3 * per["decode"], "kept_ms": 1e3 * per["kept"], "videos": len(videos)}
     info: dict = {}
     os.sync()  # the previous measurement's files go to disk now, not in the background during this one
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -141,6 +150,9 @@ def run(quick: bool = False, videos: int | None = None, repeats: int | None = No
         "ours_w1": ({"method": "ours", "workers": 1, "out": str(outs / "ours")}, {}),
         "ours_w2": ({"method": "ours", "workers": 2, "out": str(outs / "ours")}, {}),
     }
+    paired = run_child("bench.pack", {"method": "paired", "input": str(inp), "rounds": repeats})
+    print(f"  pack paired (chunks of 10): decode {paired['decode_ms']:.2f} ms/video, kept-frames bound "
+          f"{paired['kept_ms']:.2f} ms/video", file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(repeats):
         for k, (spec, env) in variants.items():
@@ -165,13 +177,16 @@ def run(quick: bool = False, videos: int | None = None, repeats: int | None = No
         check("pack_vs_decode_floor", round(ms["ours_w1"], 2), round(ms[floor_key], 2),
               round(ms["ours_w1"] / ms[floor_key], 3), 1.2, "ms/video", goal="<=",
               note=f"floor = grab()-only pass, {floor_key}"),
-        check("pack_kept_frames_bound_vs_decode", round(ms["kept_frames"], 2), round(ms[floor_key], 2),
-              round(ms["kept_frames"] / ms[floor_key], 3), None, "ms/video",
-              note="decode + colour conversion, resize and encode of the kept frames only: the best ratio to "
-                   "the decode floor that this output and decoder allow"),
+        check("pack_kept_frames_bound_vs_decode", round(paired["kept_ms"], 2), round(paired["decode_ms"], 2),
+              round(paired["kept_ms"] / paired["decode_ms"], 3), None, "ms/video",
+              note="decode + colour conversion, resize and encode of the kept frames only, against the one-thread "
+                   "decode, paired chunk by chunk: the best ratio to the decode that this output and decoder allow"),
         check("pack_vs_kept_frames_bound", round(ms["ours_w1"], 2), round(ms["kept_frames"], 2),
               round(ms["ours_w1"] / ms["kept_frames"], 3), None, "ms/video",
-              note="what the packer adds to the per-frame work it cannot avoid"),
+              note="what the packer adds to the per-frame work it cannot avoid (whole runs)"),
+        check("pack_kept_frames_bound_vs_seed", round(vps["kept_frames"], 2), round(vps["seed"], 2),
+              round(vps["kept_frames"] / vps["seed"], 3), None, "videos/s",
+              note="the best vs-seed ratio that our per-frame work allows here (whole runs)"),
     ]
     from bench.videos import describe
 
@@ -183,6 +198,7 @@ def run(quick: bool = False, videos: int | None = None, repeats: int | None = No
         "cpu_ms_per_video": {k: round(v, 2) for k, v in cpu_ms.items()},
         "cpu_ratio_ours_w1_vs_decode_t1": round(cpu_ms["ours_w1"] / cpu_ms["decode_t1"], 3),
         "cpu_ratio_kept_frames_vs_decode_t1": round(cpu_ms["kept_frames"] / cpu_ms["decode_t1"], 3),
+        "paired_chunks_of_10": paired,
         "cpu_ratio_seed_vs_ours_w1": round(cpu_ms["seed"] / cpu_ms["ours_w1"], 3),
         "out_bytes": {k: best[k].get("out_bytes") for k in ("seed", "ours_w1")},
         "runs": runs,
