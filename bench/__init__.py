@@ -98,24 +98,27 @@ def cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def paired_min(items: list, sides: dict, chunk: int, rounds: int) -> dict[str, float]:
-    """Seconds per item of each of ``sides`` (name -> function of a list of items), robust to a noisy machine.
+def paired_min(items: list, sides: dict, chunk: int, rounds: int, setup=None) -> dict[str, float]:
+    """Seconds each of ``sides`` (name -> function of a list of items) takes for all ``items``, robust to a
+    noisy machine.
 
     The items are cut into chunks of ``chunk``; every side runs each chunk in turn (the order reversed
-    every other time), ``rounds`` times over. A side's time is the sum over the chunks of its fastest
-    run of each chunk: the sides are compared a fraction of a second apart, and a burst of load from
-    elsewhere spoils one run of one chunk instead of a whole measurement.
+    every other time), ``rounds`` times over, ``setup()`` (untimed) before each run. A side's time is the
+    sum over the chunks of its fastest run of each chunk: the sides are compared seconds apart, and a
+    burst of load from elsewhere spoils one run of one chunk instead of a whole measurement.
     """
     names = list(sides)
-    best = {k: [float("inf")] * (-(-len(items) // chunk)) for k in names}
+    parts = [items[j:j + chunk] for j in range(0, len(items), chunk)]
+    best = {k: [float("inf")] * len(parts) for k in names}
     for r in range(rounds):
-        for j in range(len(best[names[0]])):
-            part = items[j * chunk:(j + 1) * chunk]
+        for j, part in enumerate(parts):
             for k in (names if (r + j) % 2 == 0 else names[::-1]):
+                if setup is not None:
+                    setup()
                 t0 = time.perf_counter()
                 sides[k](part)
                 best[k][j] = min(best[k][j], time.perf_counter() - t0)
-    return {k: sum(v) / len(items) for k, v in best.items()}
+    return {k: sum(v) for k, v in best.items()}
 
 
 def run_child(module: str, spec: dict, timeout: float = 900, env: dict | None = None) -> dict:
