@@ -122,10 +122,12 @@ def _time_loader(make_loader, to_input, epochs: int) -> dict:
 
 def _paired(shards: Path, make_loader, take, spec: dict) -> dict:
     """Ours (one epoch), the bare decode and the clip bound (one pass each) in turn, ``spec["rounds"]`` times."""
+    import cv2
     import numpy as np
 
     from dist_train.data import ClipTransform, decode_jpegs, make_clip
 
+    cv2.setNumThreads(1)  # one thread, as in a loader worker (dist_train.data._ignore_signals)
     samples = [f for _, f in _train_samples(shards)]
     tf = ClipTransform(spec["size"], train=True)
     slot = np.empty((len(samples[0]), tf.size, tf.size, 3), np.uint8)
