@@ -4,10 +4,11 @@
 
 Ours: ``train_loader`` over shards packed by ``preprocess.shard`` (tar -> 16 JPEGs -> decode ->
 the trainer's default training crop, a random 112-pixel square of the stored frames + flip, the same
-for the whole clip -> uint8 batch; ``ours_resized_*`` uses ``--train-crop resized`` instead), taken by the consuming
-process with ``materialize`` as the trainer takes it (copied out, buffer released); the trainer then
-normalizes on its device (``ours_norm_*`` does it here on the CPU with ``to_model_input``, so that
-side ends, like the seed's, at a normalized float batch ``[B, 16, 3, 112, 112]``). Seed: ``bench.baselines.SeedVideoDataset`` over the seed's per-frame JPEG
+for the whole clip -> uint8 batch; ``ours_resized_*`` uses ``--train-crop resized`` instead), taken
+by the consuming process with ``materialize`` as the trainer takes it (copied out, buffer released);
+the trainer then normalizes on its device (``ours_norm_*`` does it here on the CPU with
+``to_model_input``, so that side ends, like the seed's, at a normalized float batch
+``[B, 16, 3, 112, 112]``). Seed: ``bench.baselines.SeedVideoDataset`` over the seed's per-frame JPEG
 folders of the same videos, in a DataLoader with the same workers and batch size.
 
 Floors (issue 6): ours >= 2.5x the seed's clips/s per worker, and our worker time per clip <= 1.25x
