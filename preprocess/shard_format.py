@@ -12,6 +12,7 @@ Nothing outside this module spells out member names, shard names or the manifest
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,9 +36,10 @@ def frame_field(i: int) -> str:
     return f"{i:03d}.{FRAME_EXT}"
 
 
-def frame_fields(n_frames: int) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def frame_fields(n_frames: int) -> tuple[str, ...]:
     """Member suffixes of all frames of a sample, in time order."""
-    return [frame_field(i) for i in range(n_frames)]
+    return tuple(frame_field(i) for i in range(n_frames))
 
 
 def sample_key(video_id: int) -> str:
@@ -238,12 +240,13 @@ def split_sample(sample: dict, n_frames: int) -> tuple[list, int, dict]:
     Works on raw webdataset samples (bytes values) and on ones that went through ``.decode()``.
     Raises ``KeyError`` naming the missing member when a sample is incomplete.
     """
-    missing = [f for f in frame_fields(n_frames) + [LABEL_FIELD] if f not in sample]
-    if missing:
+    try:
+        frames = [sample[f] for f in frame_fields(n_frames)]
+        label = sample[LABEL_FIELD]
+    except KeyError:
+        missing = [f for f in (*frame_fields(n_frames), LABEL_FIELD) if f not in sample]
         where = sample.get("__url__", "?")
-        raise KeyError(f"sample {sample.get('__key__')!r} in {where} lacks members {missing}")
-    frames = [sample[f] for f in frame_fields(n_frames)]
-    label = sample[LABEL_FIELD]
+        raise KeyError(f"sample {sample.get('__key__')!r} in {where} lacks members {missing}") from None
     label = int(label.decode("ascii") if isinstance(label, bytes) else label)
     meta = sample.get(META_FIELD, {})
     if isinstance(meta, bytes):

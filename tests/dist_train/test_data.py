@@ -536,6 +536,35 @@ def test_tar_reader_gives_webdataset_samples(sample_shards, tmp_path):
         assert our_samples(path) == wds_samples(path), name
 
 
+def test_tar_reader_accepts_signed_checksums_like_tarfile(tmp_path):
+    # Old tar writers summed header bytes as signed chars; tarfile accepts either sum. A name byte
+    # >= 0x80 makes the two differ: rewrite the checksum of each header as the signed sum.
+    src = write_tar(tmp_path / "plain.tar", [("k\u00e9y.txt", b"abc"), ("k\u00e9y.cls", b"1")]).read_bytes()
+    blob = bytearray(src)
+    for at in (0, 1024):
+        header = blob[at:at + 512]
+        header[148:156] = b" " * 8
+        signed = sum(b - 256 if b > 127 else b for b in header)
+        assert signed != sum(header)
+        blob[at + 148:at + 156] = b"%06o\0 " % signed
+    p = tmp_path / "signed.tar"
+    p.write_bytes(bytes(blob))
+    ours, theirs = our_samples(p), wds_samples(p)
+    assert ours == theirs and not ours[1] and ours[0][0]["txt"] == b"abc"
+    # ... read by our own reader, not by the fallback to webdataset's
+    assert [name for name, _ in data._tar_files(p.read_bytes())] == ["k\u00e9y.txt", "k\u00e9y.cls"]
+
+
+def test_random_crop_corner_and_flip_come_from_the_seed_alone():
+    t = data.ClipTransform(112, True)
+    draws = [t.draw(128, 171, seed) for seed in range(4000)]
+    assert draws == [t.draw(128, 171, seed) for seed in range(4000)]
+    tops, lefts, flips = ({d[i] for d in draws} for i in (0, 1, 4))
+    assert tops == set(range(17)) and lefts == set(range(60)) and flips == {True, False}
+    assert 0.45 < sum(d[4] for d in draws) / len(draws) < 0.55
+    assert not any(d[4] for d in (data.ClipTransform(112, True, hflip=False).draw(128, 171, s) for s in range(50)))
+
+
 def test_tar_reader_cut_or_damaged_anywhere_ends_like_webdataset(sample_shards, tmp_path):
     url = load_manifest(sample_shards).urls("test")[0]
     src = Path(url).read_bytes()
