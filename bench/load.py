@@ -26,7 +26,9 @@ How it is timed (wall time; CPU time beside it):
   ours (a fresh loader, timed from its first batch to its end, as the trainer's steady state), one
   decode pass and one clip-bound pass over the same clips, in turn, K rounds (the order reversed every
   other round); each side's figure is its fastest round. The sides are compared seconds apart, so a
-  burst of load from elsewhere spoils one round, not a whole measurement.
+  burst of load from elsewhere spoils one round, not a whole measurement. With two cores or more, the
+  work compared (the decode, the clip bound, our loader's worker) runs on one core and the consuming
+  process on another (``os.sched_setaffinity``), so all three sides meet the same core.
 - The seed's Dataset (8x slower) and the other variants of ours are whole runs, each in a fresh child
   process from its first batch to the end of the epoch, best of K.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 import time
@@ -133,9 +136,25 @@ def _paired(shards: Path, make_loader, take, spec: dict) -> dict:
     tf = ClipTransform(spec["size"], train=True)
     slot = np.empty((len(samples[0]), tf.size, tf.size, 3), np.uint8)
 
+    # One core for the work being compared (the decode, the clip bound, ours' loader worker), the
+    # other for the consuming process: otherwise the scheduler mixes a noisy core into some sides only.
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    work, consumer = ({cores[-1]}, {cores[0]}) if len(cores) >= 2 else (None, None)
+
+    def pin(where):
+        if where is not None:
+            os.sched_setaffinity(0, where)
+
     def ours(r):
-        res = _time_loader(lambda e: make_loader(r), take, 1)
-        return res["wall"], res["cpu"], res["clips"]
+        it = iter(make_loader(r))  # the worker process starts here, on this process's core: ``work``
+        pin(consumer)
+        take(next(it))  # timed from the first batch on, as the trainer's steady state
+        t0, c0, n = time.perf_counter(), cpu_seconds(), 0
+        for batch in it:
+            n += take(batch).shape[0]
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        pin(work)
+        return wall, cpu, n
 
     def bare(r):
         t0, c0 = time.perf_counter(), cpu_seconds()
@@ -150,6 +169,7 @@ def _paired(shards: Path, make_loader, take, spec: dict) -> dict:
         return time.perf_counter() - t0, cpu_seconds() - c0, len(samples)
 
     sides = {"ours_w1": ours, "decode": bare, "clip_bound": clip}
+    pin(work)
     bare(-1), clip(-1)  # warm-up
     rounds: dict[str, list] = {k: [] for k in sides}
     for r in range(spec["rounds"]):
@@ -159,6 +179,7 @@ def _paired(shards: Path, make_loader, take, spec: dict) -> dict:
     return {"ms_per_clip": {k: 1e3 * w / n for k, (w, _, n) in best.items()},
             "cpu_ms_per_clip": {k: 1e3 * c / n for k, (_, c, n) in best.items()},
             "clips": {k: n for k, (_, _, n) in best.items()}, "rounds": spec["rounds"],
+            "cores": {"work": sorted(work or cores), "consumer": sorted(consumer or cores)},
             "all_ms_per_clip": {k: [round(1e3 * w / n, 3) for w, _, n in v] for k, v in rounds.items()}}
 
 
@@ -229,7 +250,7 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
     variants[f"ours_norm_w{w0}"] = {"method": "ours", "workers": w0, "normalize": True}
     variants[f"ours_resized_w{w0}"] = {"method": "ours", "workers": w0, "crop": "resized"}
     paired = run_child("bench.load", {**base, "method": "ours", "workers": 1, "paired": True,
-                                      "rounds": 2 if quick else 8})
+                                      "rounds": 2 if quick else 12})
     pms = paired["ms_per_clip"]
     print("  load paired: " + ", ".join(f"{k} {v:.3f} ms/clip" for k, v in pms.items()), file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {k: [] for k in variants}
