@@ -108,12 +108,15 @@ def _train_samples(shards: Path) -> list[tuple[str, list[bytes]]]:
 # Children
 
 
-def _time_loader(make_loader, to_input, epochs: int) -> dict:
+def _time_loader(make_loader, to_input, epochs: int, started=None) -> dict:
     """Iterate ``epochs`` fresh loaders (``make_loader(epoch)``); clips/s from each epoch's first batch
-    to its end, summed over the epochs (worker start-up excluded, as the trainer's steady state)."""
+    to its end, summed over the epochs (worker start-up excluded, as the trainer's steady state).
+    ``started()``, when given, runs once each loader's workers have started."""
     clips = wall = cpu = 0.0
     for epoch in range(epochs):
         it = iter(make_loader(epoch))
+        if started is not None:
+            started()
         first = to_input(next(it))
         t0, c0 = time.perf_counter(), cpu_seconds()
         for batch in it:
@@ -146,15 +149,10 @@ def _paired(shards: Path, make_loader, take, spec: dict) -> dict:
             os.sched_setaffinity(0, where)
 
     def ours(r):
-        it = iter(make_loader(r))  # the worker process starts here, on this process's core: ``work``
-        pin(consumer)
-        take(next(it))  # timed from the first batch on, as the trainer's steady state
-        t0, c0, n = time.perf_counter(), cpu_seconds(), 0
-        for batch in it:
-            n += take(batch).shape[0]
-        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        # the worker process starts on this process's core (``work``); then the consumer moves away
+        res = _time_loader(lambda e: make_loader(r), take, 1, started=lambda: pin(consumer))
         pin(work)
-        return wall, cpu, n
+        return res["wall"], res["cpu"], res["clips"]
 
     def bare(r):
         t0, c0 = time.perf_counter(), cpu_seconds()

@@ -286,7 +286,7 @@ class ClipTransform:
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
 
-    def _crop_box(self, h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+    def _resized_box(self, h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
         """``crop="resized"``: torchvision's RandomResizedCrop.get_params, drawing from ``gen``."""
         area = h * w
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
@@ -313,7 +313,7 @@ class ClipTransform:
             top, left = mix_seed(seed, 1) % (h - side + 1), mix_seed(seed, 2) % (w - side + 1)
             return top, left, side, side, self.hflip and mix_seed(seed, 3) % 2 == 1
         gen = torch.Generator().manual_seed(int(seed))
-        top, left, ch, cw = self._crop_box(h, w, gen)
+        top, left, ch, cw = self._resized_box(h, w, gen)
         flip = self.hflip and float(torch.rand(1, generator=gen)) < 0.5
         return top, left, ch, cw, flip
 
@@ -530,7 +530,7 @@ def _tar_files(buf) -> Iterator[tuple[str, bytes]]:
                 stop = "padding"
                 break
         good = _checksums_ok(headers)
-        for hb, data, size in zip(headers[:good], heads, sizes):
+        for hb, head, size in zip(headers[:good], heads, sizes):
             kind = hb[156]
             if kind == 0x35:
                 continue
@@ -540,8 +540,7 @@ def _tar_files(buf) -> Iterator[tuple[str, bytes]]:
             name = name.decode("utf-8", "surrogateescape")
             if kind == 0 and name.endswith("/"):
                 continue  # an old-style directory entry
-            data += _BLOCK
-            yield name, buf[data:data + size]
+            yield name, buf[head + _BLOCK:head + _BLOCK + size]
         if good < len(heads):
             pos, stop = heads[good], "bad"
         elif stop == "cut" and _checksums_ok([buf[pos:pos + _BLOCK]]) == 0:

@@ -340,7 +340,7 @@ def test_draw_keeps_the_generator_use():
     t = data.ClipTransform(24, True, 0.5, True, crop="resized")
     for seed in range(10):
         gen = torch.Generator().manual_seed(seed)
-        box = t._crop_box(40, 56, gen)
+        box = t._resized_box(40, 56, gen)
         flip = float(torch.rand(1, generator=gen)) < 0.5
         assert t.draw(40, 56, seed) == (*box, flip)
     assert data.ClipTransform(24, True, 0.5, False, crop="resized").draw(40, 56, 3)[4] is False
@@ -386,6 +386,20 @@ def test_random_crop_is_seven_eighths_of_the_short_side_and_a_plain_slice_at_the
     assert t(torch.randint(0, 255, (4, 3, 20, 30), dtype=torch.uint8), 5).shape == (4, 3, 56, 56)
     with pytest.raises(ValueError, match="crop must be one of"):
         data.ClipTransform(32, True, crop="centre")
+
+
+def test_incomplete_sample_is_reported_naming_its_shard_key_and_missing_members(sample_shards):
+    m = load_manifest(sample_shards)
+    url = m.urls("train")[0]
+    sample = next(s for s in data.read_shard(data.Shard(url, 0), "error"))
+    del sample["003.jpg"], sample["cls"]
+    with pytest.raises(KeyError, match=r"lacks members \['003.jpg', 'cls'\]"):
+        data.parse_sample(sample, m.n_frames, m.num_classes)
+    spec = data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(32, True), on_bad="skip")
+    bad = spec.clip(sample, 0)
+    assert bad["shard"] == Path(url).name and bad["key"] == sample["__key__"] and "003.jpg" in bad["reason"]
+    with pytest.raises(data.BadDataError, match=f"sample '{sample['__key__']}' of shard {Path(url).name}"):
+        data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(32, True), on_bad="error").clip(sample, 0)
 
 
 def test_make_clip_writes_into_out_and_is_deterministic(sample_shards):
