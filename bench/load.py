@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -87,20 +86,15 @@ def prepare(count: int) -> tuple[Path, Path]:
 
 
 def _train_samples(shards: Path) -> list[tuple[str, list[bytes]]]:
-    """(source path, 16 JPEG bytes) of every train sample, read straight from the tars."""
+    """(source path, 16 JPEG bytes) of every train sample, read by the trainer's reader."""
+    from dist_train.data import read_split
     from preprocess import shard_format as fmt
 
     m = fmt.load_manifest(shards)
     out = []
-    for url in m.urls("train"):
-        with tarfile.open(url) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for ti in tar:
-                key, field = ti.name.split(".", 1)
-                members.setdefault(key, {})[field] = tar.extractfile(ti).read()
-        for key in sorted(members):
-            frames, _, meta = fmt.split_sample(members[key], m.n_frames)
-            out.append((meta["path"], frames))
+    for sample in read_split(m, "train"):
+        frames, _, meta = fmt.split_sample(sample, m.n_frames)
+        out.append((meta["path"], frames))
     return out
 
 
@@ -206,11 +200,12 @@ def child(spec: dict) -> dict:
         from preprocess.shard_format import load_manifest
 
         m = load_manifest(shards)
-        plan = D.make_plan(m, world_size=1, batch_size=b, workers=w)
+        plan = D.make_plan(m, D.resolve_layout(1, b), workers=w, seed=0)
         tf = D.ClipTransform(spec["size"], train=True, crop=spec.get("crop", "random"))
         sspec = D.SampleSpec(n_frames=m.n_frames, num_classes=m.num_classes, transform=tf, on_bad="skip")
+
         def make(epoch):
-            return D.train_loader(plan, sspec, rank=0, epoch=epoch, seed=0, shuffle_buffer=spec["shuffle_buffer"])
+            return D.train_loader(plan, sspec, rank=0, epoch=epoch)
 
         stats, cpu = D.normalization("cnn_rnn"), torch.device("cpu")
         # The consumer takes each batch as the trainer does (materialize: copied out, buffer released).
@@ -238,8 +233,7 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
     shards, seed_out = prepare(count)
     # Whole runs of ours last 4 epochs (one epoch takes about half a second); the seed's one epoch lasts seconds.
     epochs = 1 if quick else 4
-    base = {"shards": str(shards), "seed": str(seed_out), "batch_size": batch_size, "size": size,
-            "shuffle_buffer": 64, "epochs": epochs}
+    base = {"shards": str(shards), "seed": str(seed_out), "batch_size": batch_size, "size": size, "epochs": epochs}
     w0 = worker_counts[0]
     variants = {}
     for w in worker_counts:
@@ -289,7 +283,7 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
               "batch_size": batch_size, "workers": worker_counts, "size": size, "repeats": repeats,
               "ours": "dist_train.data.train_loader, uint8 clips, default --train-crop random (the trainer "
                       "normalizes on its device; ours_norm_* adds to_model_input on the CPU; ours_resized_* uses "
-                      "--train-crop resized), shuffle buffer 64",
+                      "--train-crop resized), the global order (one process, shuffle window 16 shards)",
               "seed": "SeedVideoDataset: PIL open, Resize((112,112)), ToTensor, Normalize per frame; full-size JPEGs",
               "epochs": {"ours_whole_runs": epochs, "seed": 1, "paired_rounds": paired["rounds"]},
               "statistic": "floor and bounds: fastest of the paired rounds; vs seed: best of whole runs, timed from "

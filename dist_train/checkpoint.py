@@ -13,8 +13,9 @@ Rank 0 writes, then all ranks meet at a barrier.
 A checkpoint is a dict of tensors and plain Python values (loadable with ``weights_only=True``):
 ``format_version``, ``model`` (unwrapped state dict: no ``module.``/``_orig_mod.`` prefixes),
 ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the epoch being trained), ``step_in_epoch``
-(optimizer steps of that epoch already done), ``step`` (global optimizer steps), ``data`` (per-rank
-data positions, see ``dist_train.data``), ``rng`` (per-rank RNG states), ``history`` (per-epoch
+(optimizer steps of that epoch already done), ``step`` (global optimizer steps), ``data`` (the
+global data position: ``epoch``, ``samples_consumed`` and ``global_batch``, see ``dist_train.data.plan``),
+``rng`` (per-rank RNG states), ``history`` (per-epoch
 metrics), ``best`` (best validation top-1 and its epoch), ``config`` (resolved), ``classes``,
 ``packing`` (frames, short_side, quality, min_frames of the shards: how predict prepares raw videos),
 ``world_size``, ``wandb_run_id``, ``kind`` (``"last"`` or ``"best"``) and ``time``.
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the global data order (``data`` is a global position, the config has global_batch)
 TMP_SUFFIX = ".tmp"
 STEP_DIR = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
@@ -48,6 +49,10 @@ REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "confi
 
 class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the model or data of this run; the message says what differs."""
+
+
+class CheckpointVersionError(ValueError):
+    """A whole checkpoint written by another version of dist_train: never passed over silently."""
 
 
 def rng_state() -> dict:
@@ -170,7 +175,8 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a dist_train checkpoint (keys {REQUIRED_KEYS} expected)")
     if ckpt["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path} has checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
+        raise CheckpointVersionError(f"{path} has checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}: "
+                         "it was written by another version of dist_train; retrain, or resume it with that version")
     return ckpt
 
 
@@ -189,6 +195,9 @@ def find_resume(out: Path) -> tuple[Path | None, list[str]]:
         try:
             load_checkpoint(path)
             return path, problems
+        except CheckpointVersionError as e:
+            raise CheckpointVersionError(f"{e}; or pass --resume never --overwrite to start a new run in {out}, "
+                                         "or another --out") from None
         except (ValueError, OSError) as e:
             problems.append(f"{path}: {e}")
     return None, problems

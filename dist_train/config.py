@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,17 @@ MODEL_NAMES = ("cnn_rnn", "r3d_18", "mc3_18", "r2plus1d_18")  # kept equal to mo
 TRAIN_CROPS = ("random", "resized")  # kept equal to data.CROPS by a test
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default: Any, help: str, choices: tuple | None = None, parse=None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
+
+
+def _workers(value: Any) -> int | str:
+    """``--workers``: ``auto`` or a non-negative integer (from a flag's text or a config file)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ValueError(f"--workers must be auto or an integer >= 0, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -40,14 +51,22 @@ class TrainConfig:
                          TRAIN_CROPS)
     crop_scale: float = _f(0.5, "smallest area fraction of the random resized crop (--train-crop resized)")
     hflip: bool = _f(True, "random horizontal flip of whole clips; turn off when classes depend on left/right direction")
-    workers: int = _f(4, "DataLoader worker processes per training process (0 = load in the main process)")
-    shuffle_buffer: int = _f(256, "samples in each worker's shuffle buffer (0 = keep shard order)")
+    workers: int | str = _f("auto", "DataLoader worker processes per training process (0 = load in the main process); "
+                                    "auto = the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK) shared by "
+                                    "the processes on the node, less one, between 1 and 16", parse=_workers)
+    shuffle_window: int = _f(16, "shards whose samples are shuffled together (the order also permutes the shards): "
+                                 "larger mixes more, smaller reads fewer shards at a time")
     decode: str = _f("cpu", "where JPEG frames are decoded: cpu (in the DataLoader workers) or gpu "
                             "(batched nvjpeg in the training process, CPU fallback)", ("cpu", "gpu"))
     on_bad_sample: str = _f("skip", "a corrupt sample or truncated shard: skip it and count it (logged with the "
                                     "shard name) or stop with an error naming the shard", ("skip", "error"))
-    val_fraction: float = _f(0.1, "fraction of the train shards held out (whole shards) as the validation set that "
-                                   "selects best.pt (top-1, ties to the lower loss); 0 = no validation set, best.pt is the final model")
+    val_fraction: float = _f(0.1, "fraction of the training clips held out as the validation set that selects best.pt "
+                                   "(top-1, ties to the lower loss): stratified by class, or whole source films when "
+                                   "the shards were split by film; never more clips than the fraction asks; "
+                                   "0 = no validation set, best.pt is the final model")
+    verify_shards: bool = _f(False, "check every shard's and index's sha256 against manifest.json before training "
+                                    "(reads all data once); a mismatch is a bad shard (see --on-bad-sample)")
+    trace_samples: bool = _f(False, "write OUT/samples.jsonl: the keys each rank trained on in each optimizer step")
     test_every: int = _f(1, "also evaluate the test split every N epochs for the curves (0 = only at the end; "
                             "never used for model selection)")
     # model
@@ -64,8 +83,14 @@ class TrainConfig:
     head: str = _f("last", "cnn_rnn classifies the last RNN state or the temporal mean of the outputs", ("last", "mean"))
     # optimisation
     epochs: int = _f(30, "training epochs")
-    batch_size: int = _f(8, "clips per process per micro-batch (global batch = batch_size x accum_steps x processes)")
-    accum_steps: int = _f(1, "micro-batches accumulated (without gradient all-reduce) per optimizer step")
+    global_batch: int | None = _f(None, "clips per optimizer step over all processes, split over them (each takes "
+                                        "global-batch / processes clips as micro-batches of at most --batch-size, "
+                                        "accumulating the rest), so one command fits any number of processes that "
+                                        "divides it; default: batch-size x accum-steps x processes at a fresh start, "
+                                        "the checkpoint's on resume")
+    batch_size: int = _f(8, "clips per process per micro-batch (the most, with --global-batch)")
+    accum_steps: int = _f(1, "micro-batches accumulated (without gradient all-reduce) per optimizer step "
+                             "(derived from --global-batch when it is given)")
     optimizer: str = _f("adamw", "optimizer", ("adamw", "sgd"))
     lr: float = _f(3e-4, "peak learning rate")
     weight_decay: float = _f(0.01, "weight decay")
@@ -104,6 +129,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.pretrained, str) and self.pretrained.lower() in ("", "none"):
             self.pretrained = None
+        self.workers = _workers(self.workers)
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -112,8 +138,9 @@ class TrainConfig:
             (self.out != "", "--out is required: the run folder for checkpoints and logs (e.g. --out runs/exp1)"),
             (self.img_size >= 8, f"--img-size must be >= 8 pixels, got {self.img_size}"),
             (0.0 < self.crop_scale <= 1.0, f"--crop-scale must be in (0, 1], got {self.crop_scale}"),
-            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
-            (self.shuffle_buffer >= 0, f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.shuffle_window >= 1, f"--shuffle-window must be >= 1 shard, got {self.shuffle_window}"),
+            (self.global_batch is None or self.global_batch >= 1,
+             f"--global-batch must be >= 1 (clips per step over all processes), got {self.global_batch}"),
             (self.test_every >= 0, f"--test-every must be >= 0 (0 = only at the end), got {self.test_every}"),
             (0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.trunk_lr_scale >= 0.0, f"--trunk-lr-scale must be >= 0, got {self.trunk_lr_scale}"),
@@ -158,15 +185,37 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _field_type(f) -> type:
-    default = f.default
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    return str
+def _parse_from(f) -> tuple[Any, bool]:
+    """``(base type or parse function, accepts None)`` of a field, read from its annotation."""
+    if f.metadata.get("parse"):
+        return f.metadata["parse"], False
+    hint = _HINTS[f.name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    return next(a for a in args if a is not type(None)), type(None) in args
+
+
+def _cli_type(f):
+    """The argparse ``type=`` of a field's flag: its base type, with ``none`` for optional fields."""
+    kind, optional = _parse_from(f)
+    if not optional:
+        return kind
+    return lambda text: None if text.lower() in ("none", "null", "") else kind(text)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A config file's (or flag's) value as the field's type; ValueError naming the field otherwise."""
+    f = _FIELDS[name]
+    kind, optional = _parse_from(f)
+    if value is None and optional:
+        return None
+    if not isinstance(kind, type):
+        return kind(value)
+    if kind is float and type(value) is int:
+        return float(value)
+    if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+        raise ValueError(f"config field {name} must be {kind.__name__}{' or null' if optional else ''}, got {value!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,11 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata['help']} (default: {default})"
-        kind = _field_type(f)
-        if kind is bool:
+        if _parse_from(f)[0] is bool:
             p.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            p.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, choices=f.metadata.get("choices"),
+            p.add_argument(f"--{_flag(f.name)}", dest=f.name, type=_cli_type(f), choices=f.metadata.get("choices"),
                            help=help_text, metavar=None if f.metadata.get("choices") else f.name.upper())
     return p
 
@@ -231,11 +279,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     values = load_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
-    types = {f.name: _field_type(f) for f in fields(TrainConfig)}
-    for name, value in values.items():
-        kind = types[name]
-        if kind is float and type(value) is int:
-            values[name] = float(value)
-        elif value is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
-            raise ValueError(f"config field {name} must be {kind.__name__}, got {value!r}")
-    return TrainConfig(**values)
+    return TrainConfig(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+_FIELDS = {f.name: f for f in fields(TrainConfig)}

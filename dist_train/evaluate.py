@@ -15,10 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from dist_train import checkpoint as ckpt_io
 from dist_train import data
 from dist_train.distributed import cleanup, init_distributed
-from dist_train.evaluation import eval_spec, evaluate_shards, most_confused, train_crop
+from dist_train.evaluation import eval_spec, evaluate_samples, most_confused
 from dist_train.metrics import save_confusion_png
 from dist_train.models import input_layout
 from preprocess import shard_format as fmt
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=1, choices=(1, 3),
                    help="spatial crops per video, probabilities averaged (1 = the trainer's centre crop)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per process per batch")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--workers", default="auto", help="DataLoader workers per process (auto: from the CPUs this process "
+                                                      "may use, as the trainer's --workers)")
     p.add_argument("--on-bad-sample", default="skip", choices=("skip", "error"),
                    help="unreadable samples: count and report them, or stop with an error")
     return p
@@ -76,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {a.shards} has classes {manifest.classes}, but {a.checkpoint} was trained on {classes}",
                   file=sys.stderr)
             return 2
-        shards = [data.Shard(url, s.count) for url, s in zip(manifest.urls(a.split), manifest.shards[a.split])]
-        spec = eval_spec(manifest.n_frames, len(classes), cfg["img_size"], train_crop(cfg), a.on_bad_sample, "cpu", a.views)
+        samples = data.Samples.of(manifest, a.split)
+        spec = eval_spec(manifest.n_frames, len(classes), cfg["img_size"], cfg["train_crop"], a.on_bad_sample, "cpu",
+                         a.views)
         model.to(info.device)
-        r = evaluate_shards(model, shards, spec, classes=classes, layout=input_layout(cfg["model"]),
-                            stats=data.normalization(cfg["model"]), device=info.device, rank=info.rank,
-                            world_size=info.world_size, batch_size=a.batch_size, workers=a.workers,
-                            split=a.split, keep_predictions=True)
+        r = evaluate_samples(model, samples, np.arange(len(samples)), spec, classes=classes,
+                             layout=input_layout(cfg["model"]), stats=data.normalization(cfg["model"]),
+                             device=info.device, rank=info.rank, world_size=info.world_size, batch_size=a.batch_size,
+                             workers=data.resolve_workers(a.workers), split=a.split, keep_predictions=True)
         if not info.is_main:
             return 0
         counts = [sum(row) for row in r["confusion"]]
@@ -117,17 +121,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _key_paths(manifest: fmt.Manifest, split: str) -> dict[str, str]:
     """Sample key -> source video path, read from the samples' metadata members."""
-    import tarfile
-
     out = {}
-    for url in manifest.urls(split):
+    for sample in data.read_split(manifest, split, skip_bad=True):
         try:
-            with tarfile.open(url) as tar:
-                for m in tar:
-                    if m.name.endswith("." + fmt.META_FIELD):
-                        out[m.name.split(".", 1)[0]] = json.loads(tar.extractfile(m).read())["path"]
-        except (OSError, tarfile.TarError, ValueError):
-            continue  # an unreadable shard is already reported by the evaluation itself
+            out[sample["__key__"]] = json.loads(sample[fmt.META_FIELD])["path"]
+        except (ValueError, KeyError):
+            continue  # an unreadable sample is already reported by the evaluation itself
     return out
 
 

@@ -42,11 +42,6 @@ class SpatialViews(data.ClipTransform):
         return torch.stack(crops)
 
 
-def train_crop(config: dict) -> str:
-    """The training crop mode of a checkpoint's config (checkpoints from before ``--train-crop`` used "resized")."""
-    return config.get("train_crop", "resized")
-
-
 def eval_spec(n_frames: int, num_classes: int, img_size: int, crop: str, on_bad: str, decode: str = "cpu",
               views: int = 1) -> data.SampleSpec:
     """How evaluation turns samples into clips: the centre crop, or ``views`` spatial crops, at the scale
@@ -69,18 +64,20 @@ def class_scores(model: torch.nn.Module, video: torch.Tensor, layout: str, stats
 
 
 @torch.no_grad()
-def evaluate_shards(model: torch.nn.Module, shards, spec: data.SampleSpec, *, classes: list[str], layout: str,
-                    stats: tuple, device: torch.device, rank: int = 0, world_size: int = 1, batch_size: int = 8,
-                    workers: int = 0, autocast=None, split: str = "test", keep_predictions: bool = False) -> dict:
-    """Loss, top-1/5, per-class accuracy and confusion matrix of ``shards`` (all ranks call this).
+def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: data.SampleSpec, *, classes: list[str],
+                     layout: str, stats: tuple, device: torch.device, rank: int = 0, world_size: int = 1,
+                     batch_size: int = 8, workers: int = 0, autocast=None, split: str = "test",
+                     keep_predictions: bool = False, bad_shards: dict[str, str] | None = None) -> dict:
+    """Loss, top-1/5, per-class accuracy and confusion matrix of samples ``ids`` (all ranks call this).
 
-    Each rank reads a disjoint share of the shards with the plain (unwrapped) model, so ranks may see
+    Each rank reads a disjoint block of the samples with the plain (unwrapped) model, so ranks may see
     different batch counts; one SUM all-reduce combines them. Raises ``RuntimeError`` unless
-    evaluated + unreadable samples equal the manifest's count. ``bad`` lists unreadable samples
-    (all ranks'); ``predictions`` (with ``keep_predictions``) gives key, label, top-5 per sample.
+    evaluated + unreadable samples equal ``len(ids)``. ``bad`` lists unreadable samples (all ranks');
+    ``predictions`` (with ``keep_predictions``) gives key, label, top-5 per sample.
     """
     c = len(classes)
-    loader = data.eval_loader(shards, spec, rank, world_size, batch_size, workers, pin=device.type == "cuda")
+    loader = data.eval_loader(samples, ids, spec, rank, world_size, batch_size, workers, pin=device.type == "cuda",
+                              bad_shards=bad_shards)
     was_training = model.training
     model.eval()
     confusion = torch.zeros(c * c, dtype=torch.float64, device=device)
@@ -89,7 +86,7 @@ def evaluate_shards(model: torch.nn.Module, shards, spec: data.SampleSpec, *, cl
     predictions: list[dict] = []
     try:
         for batch in loader:
-            video, labels, bad_here = data.materialize(batch, spec, device)
+            video, labels, keys, bad_here = data.materialize(batch, spec, device)
             bad += bad_here
             extra[2] += sum(b["count"] for b in bad_here)
             if labels.numel() == 0:
@@ -99,8 +96,7 @@ def evaluate_shards(model: torch.nn.Module, shards, spec: data.SampleSpec, *, cl
             top = scores.topk(min(5, c), 1)
             extra[1] += top.indices.eq(labels[:, None]).any(1).sum().double()
             confusion += torch.bincount(labels * c + scores.argmax(1), minlength=c * c).double()
-            keys = batch.get("keys", [])
-            if keep_predictions and len(keys) == len(labels):
+            if keep_predictions:
                 probs = scores.softmax(-1).gather(1, top.indices)
                 for k, y, idx, p in zip(keys, labels.tolist(), top.indices.tolist(), probs.tolist()):
                     predictions.append({"key": k, "label": y, "top": idx, "probs": p})
@@ -109,14 +105,14 @@ def evaluate_shards(model: torch.nn.Module, shards, spec: data.SampleSpec, *, cl
     totals = all_reduce(torch.cat([confusion, extra]))
     matrix = totals[: c * c].view(c, c).long().cpu()
     loss_sum, top5, unreadable = totals[c * c:].tolist()
-    n, expected = int(matrix.sum()), sum(s.count for s in shards)
+    n, expected = int(matrix.sum()), len(ids)
     if world_size > 1:
         bad = [r for records in all_gather_object(bad) for r in records]
         if keep_predictions:
             predictions = [p for preds in all_gather_object(predictions) for p in preds]
     if n + int(unreadable) != expected:
-        raise RuntimeError(f"{split}: evaluated {n} clips and {int(unreadable)} were unreadable, but manifest.json "
-                           f"lists {expected}: the evaluation data plan lost or repeated samples")
+        raise RuntimeError(f"{split}: evaluated {n} clips and {int(unreadable)} were unreadable, but the split holds "
+                           f"{expected}: the evaluation data plan lost or repeated samples")
     per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
     result = {"loss": loss_sum / max(n, 1), "top1": float(matrix.diag().sum()) / max(n, 1),
               "top5": top5 / max(n, 1), "n_samples": n, "unreadable": int(unreadable),

@@ -19,7 +19,7 @@ import torch
 
 from dist_train import checkpoint as ckpt_io
 from dist_train import data
-from dist_train.evaluation import class_scores, eval_spec, train_crop
+from dist_train.evaluation import class_scores, eval_spec
 from dist_train.models import input_layout
 from preprocess.frames import VideoError, read_clip_jpegs
 
@@ -37,7 +37,7 @@ class Predictor:
                              "version); retrain or evaluate on shards instead")
         self.packing = packing
         self.layout, self.stats = input_layout(cfg["model"]), data.normalization(cfg["model"])
-        self.transform = eval_spec(packing["frames"], len(self.classes), cfg["img_size"], train_crop(cfg), "error",
+        self.transform = eval_spec(packing["frames"], len(self.classes), cfg["img_size"], cfg["train_crop"], "error",
                                    views=views).transform
 
     @torch.no_grad()

@@ -5,26 +5,35 @@ data plan, model, optimizer and restores a checkpoint; ``fit`` runs the epochs; 
 the step; ``evaluate`` counts every sample of a split once over all ranks.
 
 Model selection: ``best.pt`` is the model with the highest *validation* top-1, validation being
-``--val-fraction`` of the train shards held out whole (``dist_train.data.split_validation``). The test
-split is never used to choose anything. With ``--val-fraction 0`` there is no validation set and
-``best.pt`` is the final model (``results.json`` says ``"selected_on": "final"``).
+``--val-fraction`` of the training clips held out (``dist_train.data.hold_out``; listed in
+``OUT/validation.json``). The test split is never used to choose anything. With ``--val-fraction 0``
+there is no validation set and ``best.pt`` is the final model (``results.json`` says
+``"selected_on": "final"``).
 
 Resume: ``--resume auto`` continues from the newest loadable checkpoint in ``--out``; a resumed run
-continues at the saved step (mid-epoch included, data replayed exactly as ``dist_train.data``
-describes) with the same optimizer, scheduler, scaler, RNG states, metrics history and W&B run id.
+continues at the saved step (mid-epoch included: the data order of ``dist_train.data.plan`` goes on
+from the same global position, at any number of processes that divides the global batch, which a
+resume keeps) with the same optimizer, scheduler, scaler, metrics history and W&B run id (and the
+same RNG states when the number of processes is the same).
 Rank 0 picks the file and every rank reads it, so with several nodes ``--out`` must be on a shared
 file system. ``--resume PATH`` from another run folder links that folder's best.pt into ``--out``
 (``checkpoint.adopt_best``). Stops, exit statuses and test hooks: see ``dist_train.faults``.
 
 ``results.json`` (written at the end): test ``top1``, ``top5``, ``loss``, ``per_class``, ``confusion``,
 ``n_samples``, ``unreadable`` of best.pt, plus ``epochs``, ``steps`` (global optimizer steps),
-``world_size``, ``global_batch``, ``selected_on``, ``best_epoch``, ``steps_per_rank`` (optimizer steps
-each rank ran in this process, i.e. since its last resume) and ``replica_max_abs_diff`` (largest
-parameter difference between DDP replicas at the end; 0.0 expected).
+``world_size``, ``global_batch``, ``micro_batch``, ``accum_steps``, ``n_train``, ``n_val``, ``selected_on``,
+``best_epoch``, ``steps_per_rank`` (optimizer steps each rank ran in this process, i.e. since its last
+resume) and ``replica_max_abs_diff`` (largest parameter difference between DDP replicas at the end;
+0.0 expected).
+
+``--trace-samples`` writes ``OUT/samples.jsonl``: one line per rank per optimizer step,
+``{"epoch", "step", "rank", "keys"}`` (the keys that rank trained on in that step, accumulation
+micro-batches included); a resumed run first drops the lines of steps after its checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -55,6 +64,9 @@ from dist_train.faults import EXIT_OK, EXIT_STOPPED, ConfigError, StopRequest, a
 from dist_train.metrics import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, make_logger, resolve_wandb_mode
 from dist_train.models import build_model, input_layout, trunk_parameters, unwrap
 from preprocess.shard_format import load_manifest, write_json_atomic
+
+SAMPLES_FILE = "samples.jsonl"
+VALIDATION_FILE = "validation.json"
 
 
 @dataclass
@@ -125,21 +137,13 @@ class Trainer:
             # How the frames were packed: predict.py prepares raw videos exactly the same way.
             self.packing = {"frames": manifest.n_frames,
                             **{k: manifest.args.get(k) for k in ("short_side", "quality", "min_frames")}}
-            self.plan = data.make_plan(manifest, info.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers,
-                                       cfg.val_fraction)
             cfg = replace(cfg, precision=resolve_precision(cfg.precision, info.device),
                           wandb=resolve_wandb_mode(cfg.wandb))
             self.cfg = cfg
             resume_from = self._resume_path()
             ckpt = ckpt_io.load_checkpoint(resume_from) if resume_from else None
-            if ckpt and "train_crop" not in ckpt["config"] and cfg.train_crop != evaluation.train_crop(ckpt["config"]):
-                # A checkpoint from before --train-crop trained (and selected best.pt) with the mode it implies:
-                # the run keeps its augmentation and evaluation.
-                old_crop = evaluation.train_crop(ckpt["config"])
-                if info.is_main:
-                    print(f"[dist_train] {resume_from} was trained with the random resized crop (before --train-crop "
-                          f"existed): continuing with --train-crop {old_crop}", flush=True)
-                cfg = self.cfg = replace(cfg, train_crop=old_crop)
+            self.plan = self._plan(manifest, ckpt)
+            cfg = self.cfg
             seed_everything(cfg.seed, info.rank)
             model = build_model(cfg.model, len(self.classes), pretrained=None if ckpt else cfg.pretrained,
                                 rnn=cfg.rnn, hidden=cfg.hidden_size, layers=cfg.rnn_layers,
@@ -170,7 +174,6 @@ class Trainer:
                                               cfg.on_bad_sample, cfg.decode)
         self.state = TrainState()
         self.epoch_sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss*n, top1, top5, n (local)
-        self.positions: list[int] | None = None  # this rank's data positions for a mid-epoch resume
         self.steps_run = 0
         self.last_save = time.monotonic()
         run_id = None
@@ -184,13 +187,21 @@ class Trainer:
         if info.is_main:
             write_json_atomic(self.out / CONFIG_FILE, cfg.to_dict())
             write_status(self.out, "running", epoch=self.state.epoch, step=self.state.step)
+            self._write_validation(manifest)
+            if cfg.trace_samples:
+                self._trim_trace()
+            plan, lay = self.plan, self.plan.layout
             where = f"resumed from {resume_from} at epoch {self.state.epoch + 1} step {self.state.step}" \
                 if ckpt else "fresh start"
             self.log.info(
                 f"{where}; {info.world_size} process(es) on {info.device.type} ({info.backend or 'no process group'}), "
-                f"{self.plan.n_train} train / {sum(s.count for s in self.plan.val)} val / "
-                f"{sum(s.count for s in self.plan.test)} test clips, {self.plan.steps_per_epoch} steps per epoch "
-                f"of {self.plan.global_batch} clips, precision {cfg.precision}")
+                f"{plan.n_train} train / {len(plan.val_ids)} val / {len(plan.test)} test clips, "
+                f"{plan.steps_per_epoch} steps per epoch of {lay.global_batch} clips ({lay.world_size} x "
+                f"{lay.micro_batch} x {lay.accum_steps} accumulation), {plan.workers} loader worker(s) per process, "
+                f"precision {cfg.precision}")
+            note = data.validation_note(plan, cfg.val_fraction, len(self.classes))
+            if note:
+                self.log.info(f"warning: {note}")
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_path(self) -> Path | None:
@@ -201,17 +212,20 @@ class Trainer:
             ckpt_io.clean_tmp(self.out)
             existing = ckpt_io.checkpoint_candidates(self.out)
             if cfg.resume == "auto":
-                path, problems = ckpt_io.find_resume(self.out)
+                try:
+                    path, problems = ckpt_io.find_resume(self.out)
+                except ckpt_io.CheckpointVersionError as e:  # every rank must hear of it, or they would wait
+                    path, problems, answer = None, [], ("error", str(e))
                 for p in problems:
                     print(f"[dist_train] passing over unloadable checkpoint {p}", flush=True)
-                answer = ("ok", str(path) if path else None)
+                answer = answer or ("ok", str(path) if path else None)
             elif cfg.resume == "never":
                 if existing and not cfg.overwrite:
                     answer = ("error", f"{self.out} already holds checkpoints ({existing[0].name}, ...): pass "
                                        "--resume auto to continue that run, or --overwrite to start over")
                 else:
                     shutil.rmtree(self.out / ckpt_io.STEP_DIR, ignore_errors=True)
-                    for name in (ckpt_io.LAST, ckpt_io.BEST, METRICS_FILE, RESULTS_FILE):
+                    for name in (ckpt_io.LAST, ckpt_io.BEST, METRICS_FILE, RESULTS_FILE, SAMPLES_FILE):
                         (self.out / name).unlink(missing_ok=True)
                     answer = ("ok", None)
             else:
@@ -221,6 +235,41 @@ class Trainer:
         if kind == "error":
             raise ValueError(value)
         return Path(value) if value else None
+
+    def _plan(self, manifest, ckpt: dict | None) -> data.DataPlan:
+        """The data plan: the layout keeps the checkpoint's global batch, ``--verify-shards`` finds bad shards."""
+        cfg, info = self.cfg, self.info
+        global_batch = cfg.global_batch
+        if ckpt is not None:
+            theirs = ckpt["config"]["global_batch"]
+            if global_batch is not None and global_batch != theirs:
+                raise ValueError(f"the checkpoint was trained with --global-batch {theirs}, this run asks for "
+                                 f"{global_batch}: pass --global-batch {theirs} to continue it (the same samples in "
+                                 "the same order), or start a new run in another --out")
+            global_batch = theirs
+        layout = data.resolve_layout(info.world_size, cfg.batch_size, cfg.accum_steps, global_batch)
+        workers = data.resolve_workers(cfg.workers)
+        bad_shards = {}
+        if cfg.verify_shards:
+            bad_shards = broadcast_object(data.verify_shards(manifest) if info.is_main else None)
+            for name, reason in bad_shards.items():
+                data.bad_record(cfg.on_bad_sample, name, None, reason)  # raises under --on-bad-sample error
+                if info.is_main:
+                    print(f"[dist_train] --verify-shards: skipping shard {name}: {reason}", flush=True)
+        self.cfg = replace(cfg, global_batch=layout.global_batch, workers=workers)
+        return data.make_plan(manifest, layout, workers, cfg.seed, cfg.val_fraction, cfg.shuffle_window, bad_shards)
+
+    def _write_validation(self, manifest) -> None:
+        """``OUT/validation.json``: which training clips validate, and how they were chosen (rank 0)."""
+        plan = self.plan
+        keys = [plan.train.keys[i] for i in plan.val_ids]
+        counts = {c: 0 for c in self.classes}
+        for i in plan.val_ids:
+            counts[self.classes[plan.train.labels[i]]] += 1
+        by = "source film" if manifest.args.get("split") in ("group", "official") else "class"
+        write_json_atomic(self.out / VALIDATION_FILE, {
+            "fraction": self.cfg.val_fraction, "held_out_by": by, "seed": self.cfg.seed, "count": len(keys),
+            "of": len(plan.train), "per_class": counts, "keys": keys})
 
     def _restore(self, ckpt: dict, source: Path) -> None:
         try:
@@ -242,20 +291,39 @@ class Trainer:
             self.state.best_top1, self.state.best_loss, self.state.best_epoch = -1.0, float("inf"), -1
         if self.info.rank == 0:  # rank 0 carries the epoch's all-reduced sums so far
             self.epoch_sums = torch.tensor(self.state.epoch_sums, dtype=torch.float64, device=self.info.device)
-        old = ckpt["config"]
-        same_layout = ckpt["world_size"] == self.info.world_size and all(
-            old.get(k) == getattr(self.cfg, k) for k in ("batch_size", "accum_steps", "workers"))
-        if same_layout:
+        if ckpt["world_size"] == self.info.world_size:
             ckpt_io.set_rng_state(ckpt["rng"][self.info.rank])
-            self.positions = ckpt["data"][self.info.rank]
-        elif self.state.step_in_epoch:
-            print(f"[dist_train] rank {self.info.rank}: world size / batch / workers changed since the checkpoint: "
-                  "the rest of this epoch draws other samples than the interrupted run would have", flush=True)
+        elif self.info.is_main:
+            print(f"[dist_train] resuming with {self.info.world_size} process(es), the checkpoint had "
+                  f"{ckpt['world_size']}: the data order goes on from the same position (global batch "
+                  f"{self.plan.global_batch}); per-process random streams (dropout) start again from the seed",
+                  flush=True)
         self.state.step_in_epoch = min(self.state.step_in_epoch, self.plan.steps_per_epoch)
+
+    # ------------------------------------------------------------------ the sample trace
+    def _trim_trace(self) -> None:
+        """Keep only the ``samples.jsonl`` lines of steps this run's checkpoint holds (rank 0)."""
+        path = self.out / SAMPLES_FILE
+        if not path.is_file():
+            return
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                 if line.strip() and json.loads(line)["step"] <= self.state.step]
+        write_text = "".join(line + "\n" for line in lines)
+        path.with_name(path.name + ".tmp").write_text(write_text, encoding="utf-8")
+        path.with_name(path.name + ".tmp").replace(path)
+
+    def _trace(self, keys: list[str]) -> None:
+        """Append this step's keys of every rank to ``samples.jsonl`` (all ranks call it)."""
+        per_rank = all_gather_object(keys)
+        if self.info.is_main:
+            with open(self.out / SAMPLES_FILE, "a", encoding="utf-8") as f:
+                for rank, ks in enumerate(per_rank):
+                    f.write(json.dumps({"epoch": self.state.epoch, "step": self.state.step, "rank": rank,
+                                        "keys": ks}) + "\n")
 
     def save(self, best: bool = False, stopped_by: str | None = None) -> None:
         """All ranks: gather RNG and data positions; rank 0 writes last.pt (and best.pt) and status; then barrier."""
-        per_rank = all_gather_object({"rng": ckpt_io.rng_state(), "data": self.positions})
+        per_rank = all_gather_object(ckpt_io.rng_state())
         sums = all_reduce(self.epoch_sums.clone())
         if self.info.is_main:
             state = {
@@ -266,7 +334,9 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "step": self.state.step, "step_in_epoch": self.state.step_in_epoch,
                 "state": {**asdict(self.state), "epoch_sums": sums.tolist()},
-                "data": [r["data"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
+                "data": {"epoch": self.state.epoch, "samples_consumed": self.state.step_in_epoch * self.plan.global_batch,
+                         "global_batch": self.plan.global_batch},
+                "rng": per_rank,
                 "config": self.cfg.to_dict(), "classes": list(self.classes), "packing": self.packing,
                 "world_size": self.info.world_size,
                 "wandb_run_id": self.log.run_id, "time": time.time(),
@@ -313,13 +383,9 @@ class Trainer:
     def train_epoch(self, stop: StopRequest) -> bool:
         """Train the rest of ``state.epoch``; False when a stop was agreed (state saved by the caller)."""
         cfg, plan, dev, st = self.cfg, self.plan, self.info.device, self.state
-        accum, spe = cfg.accum_steps, plan.steps_per_epoch
-        loader = data.train_loader(plan, self.train_spec, self.info.rank, st.epoch, cfg.seed, cfg.shuffle_buffer,
-                                   start=st.step_in_epoch * accum, positions=self.positions and list(self.positions),
+        accum, spe = plan.layout.accum_steps, plan.steps_per_epoch
+        loader = data.train_loader(plan, self.train_spec, self.info.rank, st.epoch, start_step=st.step_in_epoch,
                                    pin=dev.type == "cuda")
-        if self.positions is None:
-            self.positions = [data.worker_quota(st.step_in_epoch * accum, max(1, cfg.workers), w) * cfg.batch_size
-                              for w in range(max(1, cfg.workers))]
         batches = iter(loader)
         window = torch.zeros(6, dtype=torch.float64, device=dev)  # loss*n, top1, top5, n, wait s, bad count
         bad: list[dict] = []
@@ -327,17 +393,21 @@ class Trainer:
         self.model.train()
         t_window = time.perf_counter()
         for _ in range(st.step_in_epoch, spe):
+            keys: list[str] = []
             for micro in range(accum):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 window[4] += time.perf_counter() - t0
-                video, labels, bad_here = data.materialize(batch, self.train_spec, dev)
-                self.positions[batch["worker"]] = batch["pos"]
-                bad += bad_here
-                window[5] += sum(b["count"] for b in bad_here)
-                if labels.numel() == 0:
-                    raise data.BadDataError("a whole training batch was unreadable (see the bad-sample log)")
-                x = data.to_model_input(video, self.layout, self.stats)
+                clips = data.materialize(batch, self.train_spec, dev)
+                bad += clips.bad
+                window[5] += sum(b["count"] for b in clips.bad)
+                if clips.label.numel() == 0:
+                    raise data.BadDataError("a whole training micro-batch was unreadable (see the bad-sample log: "
+                                            + "; ".join(f"{b['shard']} {b['key']}: {b['reason']}" for b in clips.bad[:3])
+                                            + ")")
+                keys += clips.keys
+                labels = clips.label
+                x = data.to_model_input(clips.video, self.layout, self.stats)
                 sync = self.ddp is None or micro == accum - 1
                 with (nullcontext() if sync else self.ddp.no_sync()):
                     with self._autocast():
@@ -358,6 +428,8 @@ class Trainer:
             st.step += 1
             st.step_in_epoch += 1
             self.steps_run += 1
+            if cfg.trace_samples:
+                self._trace(keys)
             bar.update(1)
             after_step_hooks(st.step, self.info.rank, stop)
             due = self.info.is_main and (
@@ -431,10 +503,10 @@ class Trainer:
         record = {"epoch": epoch, "step": st.step, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                   "train/loss": loss_sum / n, "train/top1": top1 / n, "train/top5": top5 / n}
         results = {}
-        if self.plan.val:
-            results["val"] = self.evaluate("val", self.plan.val)
+        if len(self.plan.val_ids):
+            results["val"] = self.evaluate("val")
         if cfg.test_every and (epoch % cfg.test_every == 0 or epoch == cfg.epochs):
-            results["test"] = self.evaluate("test", self.plan.test)
+            results["test"] = self.evaluate("test")
         if cfg.scheduler == "plateau":
             self.scheduler.step(results["val"]["loss"] if "val" in results else record["train/loss"])
         for split, r in results.items():
@@ -444,23 +516,25 @@ class Trainer:
         improved = val is not None and (val["top1"], -val["loss"]) > (st.best_top1, -st.best_loss)
         if improved:
             st.best_top1, st.best_loss, st.best_epoch = val["top1"], val["loss"], epoch
-        improved |= not self.plan.val and epoch == cfg.epochs  # no validation data: keep the final model
+        improved |= not len(self.plan.val_ids) and epoch == cfg.epochs  # no validation data: keep the final model
         st.history.append(record)
         self.log.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, st.step)
         self.log.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
-        st.epoch, st.step_in_epoch, self.positions = epoch, 0, None
+        st.epoch, st.step_in_epoch = epoch, 0
         self.epoch_sums.zero_()
         self.save(best=improved)
         plots = self.log.plot(st.history, {s: r["confusion"] for s, r in results.items()}, self.classes)
         for key, path in plots.items():
             self.log.log_image(f"plots/{key}", path, st.step)
 
-    def evaluate(self, split: str, shards) -> dict:
-        """Loss, top-1/5, per-class accuracy and confusion matrix of ``shards``, each sample once over all ranks."""
-        result = evaluation.evaluate_shards(
-            self.model, shards, self.eval_spec, classes=self.classes, layout=self.layout, stats=self.stats,
+    def evaluate(self, split: str) -> dict:
+        """Loss, top-1/5, per-class accuracy and confusion matrix of ``split``, each sample once over all ranks."""
+        samples, ids = self.plan.eval_set(split)
+        result = evaluation.evaluate_samples(
+            self.model, samples, ids, self.eval_spec, classes=self.classes, layout=self.layout, stats=self.stats,
             device=self.info.device, rank=self.info.rank, world_size=self.info.world_size,
-            batch_size=self.cfg.batch_size, workers=self.cfg.workers, autocast=self._autocast(), split=split)
+            batch_size=self.plan.layout.micro_batch, workers=self.plan.workers, autocast=self._autocast(),
+            split=split, bad_shards=self.plan.bad_shards)
         for r in result.pop("bad")[:20]:
             self.log.info(f"{split}: unreadable data: shard {r['shard']} sample {r['key']}: {r['reason']}")
         scalars = {f"{split}/{k}": result[k] for k in ("loss", "top1", "top5", "n_samples", "unreadable")}
@@ -474,15 +548,17 @@ class Trainer:
         replica_diff = max_replica_difference(self.model)
         steps_per_rank = all_gather_object(self.steps_run)
         best_path = self.out / ckpt_io.BEST
-        selected_on = "val" if self.plan.val else "final"
+        selected_on = "val" if len(self.plan.val_ids) else "final"
         best = ckpt_io.load_checkpoint(best_path)
         self.model.load_state_dict(best["model"])
-        test = self.evaluate("test", self.plan.test)
+        test = self.evaluate("test")
         results = {
             "top1": test["top1"], "top5": test["top5"], "loss": test["loss"], "per_class": test["per_class"],
             "n_samples": test["n_samples"], "unreadable": test["unreadable"], "confusion": test["confusion"],
             "classes": self.classes, "epochs": cfg.epochs, "steps": self.state.step, "world_size": self.info.world_size,
-            "global_batch": self.plan.global_batch, "selected_on": selected_on,
+            "global_batch": self.plan.global_batch, "micro_batch": self.plan.layout.micro_batch,
+            "accum_steps": self.plan.layout.accum_steps, "n_train": self.plan.n_train,
+            "n_val": len(self.plan.val_ids), "selected_on": selected_on,
             "best_epoch": best["state"]["best_epoch"] if selected_on == "val" else cfg.epochs,
             "best_val_top1": best["state"]["best_top1"] if selected_on == "val" else None,
             "checkpoint": str(best_path), "steps_per_rank": steps_per_rank, "replica_max_abs_diff": replica_diff,

@@ -18,29 +18,11 @@ LABEL_WIDTH = 220
 
 
 def read_samples(root: Path, split: str, n: int) -> list[tuple[list[np.ndarray], int, dict]]:
-    """The first ``n`` samples of ``split`` as (BGR frames, label, metadata), read with plain tarfile."""
-    import tarfile
+    """The first ``n`` readable samples of ``split`` as (BGR frames, label, metadata), read by the trainer's reader."""
+    from dist_train.data import read_split
 
     manifest = fmt.load_manifest(root)
-    out = []
-    for url in manifest.urls(split):
-        with tarfile.open(url) as tar:
-            sample: dict = {}
-            key = None
-            for member in tar:
-                k, _, field = member.name.partition(".")
-                if key is not None and k != key:
-                    out.append(_decode(sample, manifest.n_frames))
-                    sample = {}
-                    if len(out) >= n:
-                        return out
-                key = k
-                sample[field] = tar.extractfile(member).read()
-            if sample:
-                out.append(_decode(sample, manifest.n_frames))
-        if len(out) >= n:
-            break
-    return out[:n]
+    return [_decode(sample, manifest.n_frames) for sample in read_split(manifest, split, limit=n, skip_bad=True)]
 
 
 def _decode(sample: dict, n_frames: int):

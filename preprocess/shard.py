@@ -241,7 +241,7 @@ def pack(cfg: PackConfig) -> dict:
             if w is None:
                 w = writers[split] = fmt.ShardWriter(out / fmt.shard_name(split, len(shards[split])))
             jpegs, meta = result
-            w.write(fmt.sample_key(it.video_id), jpegs, it.label, meta)
+            w.write(fmt.sample_key(it.video_id), jpegs, it.label, meta, group=splits.source_of(it.rel, it.cls))
             per_class[split][it.cls] += 1
             if w.count >= cfg.shard_size:
                 shards[split].append(writers.pop(split).close())
@@ -254,8 +254,10 @@ def pack(cfg: PackConfig) -> dict:
         bar.close()
 
     keep = {s["name"] for ss in shards.values() for s in ss}
+    indexes = {fmt.index_name(n) for n in keep}
     for p in out.iterdir():
-        if fmt.is_shard_name(p.name) and p.name not in keep:
+        stale_index = p.name.endswith(fmt.INDEX_SUFFIX) and fmt.is_shard_name(p.name[:-len(fmt.INDEX_SUFFIX)] + ".tar")
+        if (fmt.is_shard_name(p.name) and p.name not in keep) or (stale_index and p.name not in indexes):
             p.unlink()  # left from an earlier, larger run
     skipped.sort(key=lambda s: s["path"])
     manifest = {
@@ -271,12 +273,12 @@ def pack(cfg: PackConfig) -> dict:
     }
     n_packed = sum(manifest["splits"][s]["count"] for s in fmt.SPLITS)
     if n_packed == 0:
-        _remove(out, keep)
+        _remove(out, keep | indexes)
         raise PackError(f"none of the {len(items)} videos in {root} could be used:\n" + _skip_lines(skipped))
     if cfg.strict and skipped:
-        _remove(out, keep)
+        _remove(out, keep | indexes)
         raise PackError(f"--strict: {len(skipped)} input(s) skipped, no shards kept:\n" + _skip_lines(skipped))
-    fmt.write_json_atomic(out / fmt.MANIFEST_NAME, manifest)
+    fmt.write_manifest(out, manifest)
     _summary(manifest, out, keep, time.monotonic() - start)
     return manifest
 

@@ -93,8 +93,21 @@ def test_train_crops_match_data_module():
     assert TRAIN_CROPS == data.CROPS and TrainConfig(out="x").train_crop == data.ClipTransform(8, True).crop
 
 
-def test_checkpoints_from_before_train_crop_evaluate_as_they_were_trained():
-    evaluation = pytest.importorskip("dist_train.evaluation")
-    assert evaluation.train_crop({"img_size": 112}) == "resized"  # the only mode there was
-    assert evaluation.train_crop({"train_crop": "random"}) == "random"
-    assert evaluation.eval_spec(16, 2, 112, "random", "skip").transform.crop == "random"
+def test_optional_and_auto_fields_parse_from_flags_and_files(tmp_path):
+    """Field types come from the annotations: ``int | None`` takes an integer or none, --workers auto or an integer."""
+    cfg = parse_config(["--out", "o", "--global-batch", "12", "--workers", "3"])
+    assert (cfg.global_batch, cfg.workers) == (12, 3)
+    assert parse_config(["--out", "o"]).global_batch is None and TrainConfig(out="o").workers == "auto"
+    assert parse_config(["--out", "o", "--global-batch", "none"]).global_batch is None
+    path = tmp_path / "c.yaml"
+    path.write_text("out: o\nglobal_batch: null\nworkers: 2\n")
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.global_batch is None and cfg.workers == 2
+    path.write_text("out: o\nglobal_batch: many\n")
+    with pytest.raises(ValueError, match="global_batch must be int or null"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(SystemExit):  # argparse: not an integer
+        parse_config(["--out", "o", "--global-batch", "x"])
+    for bad in (["--workers", "-1"], ["--workers", "lots"], ["--global-batch", "0"], ["--shuffle-window", "0"]):
+        with pytest.raises((ValueError, SystemExit)):
+            parse_config(["--out", "o", *bad])

@@ -1,0 +1,58 @@
+"""The data layer: shard index and reader, the plan and global order, clips, batches and loaders.
+
+    plan.py     which samples train / validate / test, the layout of the global batch, each epoch's order
+    reader.py   the one reader of shards: index-checked byte ranges, bad-sample records
+    clips.py    JPEG header checks, decoding, crops and flips, the model's input
+    batches.py  batches in shared memory and their hand-off to the training process
+    loaders.py  the DataLoaders of a rank's training micro-batches and of its share of a split
+
+The rest of the code imports what it needs from here.
+"""
+
+from dist_train.data.batches import Batch, BatchFiller, Clips, SampleSpec, materialize, parse_sample
+from dist_train.data.clips import (
+    CROPS,
+    IMAGENET_STATS,
+    KINETICS_STATS,
+    MAX_FRAME_PIXELS,
+    ClipTransform,
+    clip_batch,
+    decode_jpegs,
+    frame_size,
+    jpeg_size,
+    make_clip,
+    normalization,
+    to_model_input,
+)
+from dist_train.data.loaders import EvalStream, TrainStream, eval_loader, train_loader
+from dist_train.data.plan import (
+    DataPlan,
+    Layout,
+    Samples,
+    eval_share,
+    hold_out,
+    make_plan,
+    mix_seed,
+    resolve_layout,
+    resolve_workers,
+    validation_note,
+)
+from dist_train.data.reader import (
+    BadDataError,
+    LocalShards,
+    SampleError,
+    ShardReader,
+    bad_record,
+    iter_unindexed,
+    read_split,
+    verify_shards,
+)
+
+__all__ = [
+    "CROPS", "IMAGENET_STATS", "KINETICS_STATS", "MAX_FRAME_PIXELS", "BadDataError", "Batch", "BatchFiller",
+    "ClipTransform", "Clips", "DataPlan", "EvalStream", "Layout", "LocalShards", "SampleError", "SampleSpec",
+    "Samples", "ShardReader", "TrainStream", "bad_record", "clip_batch", "decode_jpegs", "eval_loader", "eval_share",
+    "frame_size", "hold_out", "iter_unindexed", "jpeg_size", "make_clip", "make_plan", "materialize", "mix_seed",
+    "normalization", "parse_sample", "read_split", "resolve_layout", "resolve_workers", "to_model_input",
+    "train_loader", "validation_note", "verify_shards",
+]

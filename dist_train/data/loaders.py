@@ -1,0 +1,139 @@
+"""The DataLoaders: a rank's planned micro-batches (training) or its share of a split (evaluation).
+
+Both are ``IterableDataset``s over a list of batches fixed in advance by ``dist_train.data.plan``:
+loader worker ``i`` of ``W`` makes batches ``i, i + W, i + 2W, ...`` and the DataLoader yields them
+round-robin, so batch ``b`` always comes ``b``-th, whatever ``W`` is. A training batch holds exactly
+the samples its positions in the epoch's global order name (a sample that cannot be read is left
+out and reported, never replaced by another), each augmented with the seed
+``mix_seed(seed, epoch, position)``. So the samples and clips of every step depend on the seed, the
+epoch and the global batch only, never on the number of processes or workers, and a run resumed at
+step ``k`` starts reading at step ``k``: nothing is replayed or decoded twice.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import signal
+from collections.abc import Iterator
+from functools import partial
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dist_train.data.batches import Batch, BatchFiller, BufferPool, SampleSpec, pool_for
+from dist_train.data.clips import _plain
+from dist_train.data.plan import DataPlan, Samples, eval_share, mix_seed
+from dist_train.data.reader import SampleError, ShardReader, bad_record
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _read_batches(samples: Samples, spec: SampleSpec, batches: list[np.ndarray], seeds: list | None,
+                  bad_shards: dict[str, str], pool: BufferPool | None) -> Iterator[Batch]:
+    """This worker's share (every ``W``-th) of ``batches`` (arrays of sample ids), read, decoded and batched."""
+    i, n_workers = _worker()
+    reader = ShardReader(samples.store, samples.shards, samples.fields, bad_shards, indexes=samples.indexes)
+    filler = BatchFiller(spec, _batch_size(batches), pool if get_worker_info() else None, i)
+    try:
+        for b in range(i, len(batches), n_workers):
+            for j, sid in enumerate(batches[b].tolist()):
+                shard, key = samples.shards[samples.shard[sid]], samples.keys[sid]
+                try:
+                    sample = reader.sample(int(samples.shard[sid]), int(samples.row[sid]))
+                except SampleError as e:
+                    filler.add_bad(bad_record(spec.on_bad, shard.name, key, str(e)))
+                    continue
+                sample["__shard__"] = shard.name
+                filler.add(sample, None if seeds is None else seeds[b][j], int(samples.labels[sid]))
+            yield filler.take()
+    finally:
+        reader.close()
+
+
+def _batch_size(batches: list[np.ndarray]) -> int:
+    return max((len(b) for b in batches), default=1)
+
+
+class _Stream(IterableDataset):
+    """What both streams share: their samples, spec and batches, and the buffer pool of their workers."""
+
+    samples: Samples
+    spec: SampleSpec
+    batches: list[np.ndarray]
+    seeds: list | None = None
+    bad_shards: dict[str, str]
+    pool: BufferPool | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return _read_batches(self.samples, self.spec, self.batches, self.seeds, self.bad_shards, self.pool)
+
+
+class TrainStream(_Stream):
+    """One rank's training micro-batches of one epoch from step ``start_step`` on (see the module docstring)."""
+
+    def __init__(self, plan: DataPlan, spec: SampleSpec, rank: int, epoch: int, start_step: int = 0):
+        self.samples, self.spec, self.bad_shards = plan.train, spec, plan.bad_shards
+        ids, positions = plan.rank_batches(epoch, rank, start_step)
+        self.batches = list(ids)
+        self.seeds = [[mix_seed(plan.seed, epoch, p) for p in row] for row in positions.tolist()]
+
+
+class EvalStream(_Stream):
+    """Samples ``ids`` of ``samples`` once each, in batches of ``batch_size`` (the last one partial)."""
+
+    def __init__(self, samples: Samples, ids: np.ndarray, spec: SampleSpec, batch_size: int,
+                 bad_shards: dict[str, str] | None = None):
+        self.samples, self.spec, self.bad_shards = samples, spec, dict(bad_shards or {})
+        self.batches = [ids[j:j + batch_size] for j in range(0, len(ids), batch_size)]
+
+
+def _worker_init(seed: int, rank: int, worker_id: int) -> None:
+    # Stop signals are the training process's business: workers keep serving until it shuts them down.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)  # one decode/resize thread per worker: the workers are the parallelism
+    random.seed(mix_seed(seed, rank, worker_id))
+    np.random.seed(mix_seed(seed, rank, worker_id) % 2**32)
+
+
+def _loader(dataset: _Stream, workers: int, pin: bool, seed: int, rank: int) -> DataLoader:
+    workers = min(workers, len(dataset))
+    dataset.samples.indexes.load_all()  # here, once: the workers inherit them
+    spec, fork = dataset.spec, "fork" in multiprocessing.get_all_start_methods()
+    if workers and fork and spec.decode != "gpu" and _plain(spec.transform):
+        s = spec.transform.size  # buffers the workers inherit: a batch crosses as its address
+        dataset.pool = pool_for(dataset, workers, _batch_size(dataset.batches), (spec.n_frames, s, s, 3))
+    # An own generator: creating a loader must not draw from the global RNG (dropout's stream), or a
+    # resumed run would drift from an uninterrupted one.
+    return DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+        worker_init_fn=partial(_worker_init, seed, rank) if workers else None,
+        prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
+        multiprocessing_context="fork" if dataset.pool is not None else None,
+    )
+
+
+def train_loader(plan: DataPlan, spec: SampleSpec, rank: int, epoch: int, start_step: int = 0,
+                 pin: bool = False) -> DataLoader:
+    """This rank's micro-batches of ``epoch`` from optimizer step ``start_step`` on (exactly as planned)."""
+    return _loader(TrainStream(plan, spec, rank, epoch, start_step), plan.workers, pin, mix_seed(plan.seed, epoch),
+                   rank)
+
+
+def eval_loader(samples: Samples, ids: np.ndarray, spec: SampleSpec, rank: int, world_size: int, batch_size: int,
+                workers: int, pin: bool = False, bad_shards: dict[str, str] | None = None) -> DataLoader | list:
+    """This rank's contiguous share of samples ``ids`` (an empty list when it has none)."""
+    mine = ids[eval_share(len(ids), rank, world_size).start:eval_share(len(ids), rank, world_size).stop]
+    if len(mine) == 0:
+        return []
+    return _loader(EvalStream(samples, mine, spec, batch_size, bad_shards), workers, pin, 0, rank)
