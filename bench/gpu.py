@@ -134,7 +134,7 @@ def time_end_to_end(step: Stepper | None, batches, spec, steps: int, warmup: int
         t = time.perf_counter()
         b = next(batches)
         wait += time.perf_counter() - t
-        video, labels, _ = D.materialize(b, spec, device)
+        video, labels, _, _ = D.materialize(b, spec, device)
         x = D.to_model_input(video, "BTCHW", stats)
         if step is not None:
             step(x, labels)
@@ -164,32 +164,30 @@ def make_shards(videos: int, workers: int) -> Path:
 
 
 def loader_iter(shards: Path, batch: int, workers: int, decode: str, steps: int):
-    """An endless-enough training loader (the train shards listed many times over)."""
+    """Training batches of as many epochs as ``steps`` needs, one trainer loader per epoch."""
     from dist_train import data as D
     from preprocess.shard_format import load_manifest
 
     m = load_manifest(shards)
-    base = [D.Shard(u, s.count) for u, s in zip(m.urls("train"), m.shards["train"])]
-    n = sum(s.count for s in base)
-    reps = max(1, -(-(steps * batch) // n) + 1)
-    plan = D.DataPlan(tuple(base * reps), (), (), 1, batch, 1, workers)
+    plan = D.make_plan(m, D.resolve_layout(1, batch), workers, seed=0)
     spec = D.SampleSpec(m.n_frames, m.num_classes, D.ClipTransform(SIZE, train=True), "skip", decode=decode)
-    loader = D.train_loader(plan, spec, rank=0, epoch=0, seed=0, shuffle_buffer=64, pin=True)
-    return iter(loader), spec
+
+    def batches():
+        for epoch in range(-(-steps // plan.steps_per_epoch) + 1):
+            yield from D.train_loader(plan, spec, rank=0, epoch=epoch, pin=True)
+
+    return batches(), spec
 
 
 def jpeg_decode(shards: Path, device: torch.device, n: int = 2048) -> dict:
     """frames/s of decode_jpegs on the CPU (one thread) and batched on the GPU, same frames."""
-    import tarfile
+    from dist_train.data import decode_jpegs, read_split
+    from preprocess.shard_format import frame_fields, load_manifest
 
-    from dist_train.data import decode_jpegs
-
+    m = load_manifest(shards)
     frames = []
-    for tar in sorted(shards.glob("train-*.tar")):
-        with tarfile.open(tar) as t:
-            frames += [t.extractfile(m).read() for m in t if m.name.endswith(".jpg")]
-        if len(frames) >= n:
-            break
+    for sample in read_split(m, "train", limit=-(-n // m.n_frames)):
+        frames += [sample[f] for f in frame_fields(m.n_frames)]
     frames = (frames * (n // max(1, len(frames)) + 1))[:n]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

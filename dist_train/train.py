@@ -401,20 +401,18 @@ class Trainer:
                 clips = data.materialize(batch, self.train_spec, dev)
                 bad += clips.bad
                 window[5] += sum(b["count"] for b in clips.bad)
-                if clips.label.numel() == 0:
-                    raise data.BadDataError("a whole training micro-batch was unreadable (see the bad-sample log: "
-                                            + "; ".join(f"{b['shard']} {b['key']}: {b['reason']}" for b in clips.bad[:3])
-                                            + ")")
                 keys += clips.keys
-                labels = clips.label
-                x = data.to_model_input(clips.video, self.layout, self.stats)
                 sync = self.ddp is None or micro == accum - 1
                 with (nullcontext() if sync else self.ddp.no_sync()):
+                    if clips.label.numel() == 0:  # every sample unreadable (and skipped)
+                        self._zero_contribution(accum)
+                        continue
+                    x = data.to_model_input(clips.video, self.layout, self.stats)
                     with self._autocast():
                         logits = self.forward(x)
-                    loss = self.criterion(logits.float(), labels)
+                    loss = self.criterion(logits.float(), clips.label)
                     self.scaler.scale(loss / accum).backward()
-                stats = self._batch_stats(logits.detach(), labels, loss.detach())
+                stats = self._batch_stats(logits.detach(), clips.label, loss.detach())
                 window[:4] += stats
                 self.epoch_sums += stats
             if cfg.grad_clip > 0:
@@ -450,6 +448,21 @@ class Trainer:
         self._sync_buffers()
         return True
 
+    def _zero_contribution(self, accum: int) -> None:
+        """A micro-batch whose samples were all unreadable: a backward pass that adds nothing to the gradient,
+        so this rank still takes part in the DDP gradient all-reduce (the other ranks would wait for it).
+        In eval mode, so BatchNorm statistics see no made-up data."""
+        spec = self.train_spec
+        s = spec.transform.size
+        video = torch.zeros((1, spec.n_frames, 3, s, s), dtype=torch.uint8, device=self.info.device)
+        self.model.eval()
+        try:
+            with self._autocast():
+                logits = self.forward(data.to_model_input(video, self.layout, self.stats))
+            self.scaler.scale(logits.float().sum() * 0.0 / accum).backward()
+        finally:
+            self.model.train()
+
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does at the start of each forward.
 
@@ -483,8 +496,9 @@ class Trainer:
                 self.log.info(f"skipped bad data: shard {r['shard']} sample {r['key']}: {r['reason']}")
             for r in records:  # by shard name in metrics.jsonl and W&B, so a damaged file can be found
                 per_shard[r["shard"]] = per_shard.get(r["shard"], 0) + r.get("count", 1)
+        per = max(n, 1.0)  # a window of unreadable micro-batches only trained on nothing
         metrics = {
-            "train/loss": loss_sum / n, "train/top1": top1 / n, "train/top5": top5 / n,
+            "train/loss": loss_sum / per, "train/top1": top1 / per, "train/top5": top5 / per,
             "lr": max(g["lr"] for g in self.optimizer.param_groups), "epoch": self.state.epoch + 1,
             "perf/clips_per_s": n / (secs / world), "perf/data_wait_frac": wait_frac / world,
             "data/skipped_total": self.state.skipped,
@@ -500,6 +514,9 @@ class Trainer:
         cfg, st = self.cfg, self.state
         epoch = st.epoch + 1
         loss_sum, top1, top5, n = all_reduce(self.epoch_sums.clone()).tolist()
+        if n == 0:
+            raise data.BadDataError(f"no training sample of epoch {epoch} could be read (all {self.plan.n_train} "
+                                    "skipped as bad data; see the log): check the shards, e.g. with --verify-shards")
         record = {"epoch": epoch, "step": st.step, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                   "train/loss": loss_sum / n, "train/top1": top1 / n, "train/top5": top5 / n}
         results = {}

@@ -52,6 +52,8 @@ def index_shard(path: Path, count: int, sha256: str, n_frames: int, num_classes:
     """The manifest entry fields and the index bytes of one tar (``IndexingError`` when it cannot be trusted)."""
     fields = fmt.sample_fields(n_frames)
     size, limit = path.stat().st_size, count * len(fields)
+    if size > count * (fmt.MAX_SAMPLE_BYTES + 2 * fmt.TAR_BLOCK * len(fields)) + 2 * tarfile.RECORDSIZE:
+        raise IndexingError(f"it is {size} bytes, more than its {count} samples can take")
     samples: list[tuple[str, list[tuple[str, int, int]]]] = []
     labels, groups, done = [], [], set()
     meta: dict = {}
@@ -125,21 +127,26 @@ def reindex(root: Path) -> dict:
         raise IndexingError(f"{path} cannot be read ({e}); re-pack the videos") from None
     if raw.get("format_version") not in (1, fmt.FORMAT_VERSION):
         raise IndexingError(f"{path} has shard format version {raw.get('format_version')}: re-pack the videos")
+    try:  # every shard name checked before any file is opened
+        entries = [(split, entry) for split, info in splits.items() for entry in info["shards"]]
+        bad = [(split, e.get("name")) for split, e in entries if split not in fmt.SPLITS
+               or not isinstance(e.get("name"), str) or not fmt.is_shard_name(e["name"])
+               or not e["name"].startswith(f"{split}-")]
+    except (AttributeError, TypeError) as e:
+        raise IndexingError(f"{path}: its splits are not lists of shard entries ({e}); re-pack the videos") from None
+    if bad:
+        raise IndexingError(f"{path}: {bad[0][1]!r} is not a shard name of split {bad[0][0]!r}; re-pack the videos")
     indexes = {}
-    for split, info in splits.items():
-        for entry in info["shards"]:
-            name = entry.get("name")
-            if split not in fmt.SPLITS or not isinstance(name, str) or not fmt.is_shard_name(name) \
-                    or not name.startswith(f"{split}-"):
-                raise IndexingError(f"{path}: {name!r} is not a shard name of split {split!r}; re-pack the videos")
-            try:
-                found = index_shard(root / name, int(entry["count"]), entry["sha256"], n_frames, len(classes))
-            except (OSError, KeyError, ValueError) as e:
-                raise IndexingError(f"{root / name}: cannot be indexed ({e})") from None
-            except IndexingError as e:
-                raise IndexingError(f"{root / name}: cannot be indexed: {e}") from None
-            indexes[found["index"]] = found.pop("_index_bytes")
-            entry.update(found)
+    for _, entry in entries:
+        name = entry["name"]
+        try:
+            found = index_shard(root / name, int(entry["count"]), entry["sha256"], n_frames, len(classes))
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise IndexingError(f"{root / name}: cannot be indexed ({e})") from None
+        except IndexingError as e:
+            raise IndexingError(f"{root / name}: cannot be indexed: {e}") from None
+        indexes[found["index"]] = found.pop("_index_bytes")
+        entry.update(found)
     raw["format_version"] = fmt.FORMAT_VERSION
     for name, index in indexes.items():
         fmt.write_bytes_atomic(root / name, index)

@@ -370,9 +370,14 @@ def load_manifest(root: str | Path) -> Manifest:
         keys = [k for s in shards[split] for k in s.keys]
         if len(set(names)) != len(names) or len(set(keys)) != len(keys):
             raise FormatError(f"{path}: splits.{split} lists a shard or a sample key twice")
-        if info.get("count") != len(keys):
+        if not _is_int(info.get("count")) or info["count"] != len(keys):
             raise FormatError(f"{path}: splits.{split}.count is {info.get('count')!r}, its shards hold {len(keys)}")
         per_class[split] = info.get("per_class", {})
+    in_both = set().union(*[s.keys for s in shards.get("train", [])]) & set().union(*[s.keys for s in shards.get("test", [])])
+    if in_both:
+        raise FormatError(f"{path}: sample key {sorted(in_both)[0]!r} is in both train and test; re-pack the videos")
+    if not isinstance(raw.get("skipped", []), list) or not isinstance(raw.get("args", {}), dict):
+        raise FormatError(f"{path}: skipped must be a list and args must be an object")
     return Manifest(root=root, classes=list(classes), n_frames=n_frames, shards=shards, per_class=per_class,
                     skipped=list(raw.get("skipped", [])), args=dict(raw.get("args", {})))
 

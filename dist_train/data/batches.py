@@ -211,9 +211,13 @@ class BatchFiller:
         self.spec, self.size, self.worker = spec, size, worker
         # Plain transforms have a known output shape, so each clip is written into its slot.
         self.direct = spec.decode != "gpu" and _plain(spec.transform)
-        if self.direct and pool is None:
+        if self.direct:
             s = spec.transform.size
-            pool = BufferPool(1, size, (spec.n_frames, s, s, 3), shared=False)
+            pool = pool or BufferPool(1, size, (spec.n_frames, s, s, 3), shared=False)
+            # Each clip is made in this one buffer, which stays in the CPU's cache, then copied into its
+            # batch slot in one pass: 7% of a worker's time less than cropping frame by frame into a batch
+            # that does not fit in the cache (2-core AMD EPYC VM, 2026-12-01; bench.load).
+            self.scratch = np.empty((spec.n_frames, s, s, 3), np.uint8)
         self.pool = pool
         self._clear()
 
@@ -228,17 +232,16 @@ class BatchFiller:
 
     def add(self, sample: dict, seed: int | None, label: int | None = None) -> None:
         """Add ``sample``'s clip, or its bad record when it cannot be used."""
-        out = None
+        res = self.spec.clip(sample, seed, self.scratch if self.direct else None, label)
+        if isinstance(res, dict):
+            self.bad.append(res)
+            return
         if self.direct:
             if self.buf is None:
                 self.slot, self.buf = self.pool.lend(self.worker)
                 self.slots = self.buf[0].numpy()
-            out = self.slots[len(self.labels)]
-        res = self.spec.clip(sample, seed, out, label)
-        if isinstance(res, dict):
-            self.bad.append(res)
-            return
-        if not self.direct:
+            np.copyto(self.slots[len(self.labels)], self.scratch)
+        else:
             self.items.append(res[0])
         self.labels.append(res[1])
         self.seeds.append(0 if seed is None else seed)

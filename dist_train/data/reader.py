@@ -191,7 +191,8 @@ class ShardReader:
                 if len(found) == len(wanted):
                     break
         except Exception as e:  # a damaged tar: the samples read so far stay readable
-            return _Open(samples=found, error=f"unreadable after {len(found)} samples ({type(e).__name__}: {e})")
+            reason = str(e.args[0]).split(" @ ")[0] if e.args else str(e)  # webdataset appends the stream to it
+            return _Open(samples=found, error=f"unreadable after {len(found)} samples ({type(e).__name__}: {reason})")
         return _Open(samples=found, error="not in the shard")
 
     def _get(self, i: int) -> _Open:

@@ -30,6 +30,8 @@ import pytest
 import torch
 
 from dist_train import checkpoint as ckpt_io
+from dist_train import data
+from preprocess.shard_format import load_manifest
 from tests.conftest import make_shards, make_videos
 from tests.dist_train.dt_helpers import TINY, results, start_trainer, wandb_run_contents
 from tests.dist_train.test_data import corrupt_one_jpeg
@@ -371,18 +373,26 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_cleans_t
 
 
 # ------------------------------------------------------------------------------------------- bad data
+def trained_in_epoch_1(shards: Path) -> set[str]:
+    """Keys the 2-process runs below (global batch 4, the default --val-fraction) train on in epoch 1."""
+    plan = data.make_plan(load_manifest(shards), data.resolve_layout(2, 2), 0, 0, val_fraction=0.1)
+    return {plan.train.keys[i] for i in plan.epoch_order(0)}
+
+
 @pytest.fixture(scope="module")
 def damaged(sample_shards, tmp_path_factory) -> dict:
     """Copies of the sample shards: ``both`` has a corrupt JPEG and a truncated shard in train and in test;
-    ``jpeg`` only the corrupt train JPEG; ``truncated`` only the truncated test shard.
-    (train-000000 is the validation shard at the default --val-fraction and stays intact.)"""
+    ``jpeg`` only the corrupt train JPEG; ``truncated`` only the truncated test shard. The corrupt train
+    sample is one that epoch 1 trains on."""
     root = tmp_path_factory.mktemp("damaged")
+    m, trained = load_manifest(sample_shards), trained_in_epoch_1(sample_shards)
+    pick = {"train-000001": next(k for k in m.shards["train"][1].keys if k in trained), "test-000000": None}
     made = {}
     for name, jpeg_in, cut in (("both", ("train-000001", "test-000000"), ("train-000002", "test-000001")),
                                ("jpeg", ("train-000001",), ()), ("truncated", (), ("test-000001",))):
         folder = root / name
         shutil.copytree(sample_shards, folder)
-        keys = {s: corrupt_one_jpeg(sample_shards / f"{s}.tar", folder / f"{s}.tar") for s in jpeg_in}
+        keys = {s: corrupt_one_jpeg(sample_shards / f"{s}.tar", folder / f"{s}.tar", pick[s]) for s in jpeg_in}
         for s in cut:  # a train shard cut to its first 1000 bytes (nothing readable), a test one to half
             t = folder / f"{s}.tar"
             t.write_bytes(t.read_bytes()[: 1000 if s.startswith("train") else t.stat().st_size // 2])
@@ -393,17 +403,17 @@ def damaged(sample_shards, tmp_path_factory) -> dict:
 def test_bad_samples_skipped_counted_and_logged_with_the_shard(damaged, tmp_path):
     shards, keys = damaged["both"]
     out = tmp_path / "run"
-    # --shuffle-buffer 0: each rank reads its shards from the start, so both bad train shards are met
-    # in epoch 1 whatever the shard order.
+    # Every sample of the epoch's order is read, so both bad train shards are met in epoch 1.
     code, output = launch(["--shards", str(shards), "--out", str(out), *TINY, "--workers", "1", "--epochs", "1",
-                           "--log-every", "1", "--shuffle-buffer", "0", "--on-bad-sample", "skip"],
-                          tmp_path / "log.txt")
+                           "--log-every", "1", "--on-bad-sample", "skip"], tmp_path / "log.txt")
     assert code == 0, output[-4000:]
     assert f"skipped bad data: shard train-000001.tar sample {keys['train-000001']}: " in output
-    assert "skipped bad data: shard train-000002.tar sample None: unreadable" in output  # the whole shard
+    cut = set(load_manifest(shards).shards["train"][2].keys) & trained_in_epoch_1(shards)
+    for key in cut:  # each sample of the cut shard, by key
+        assert f"skipped bad data: shard train-000002.tar sample {key}: its members end at byte" in output, key
     res = results(out)
     skipped = [r["data/skipped_total"] for r in rows(out) if "data/skipped_total" in r]
-    assert skipped[-1] == res["skipped_train_samples"] >= 2
+    assert skipped[-1] == res["skipped_train_samples"] == 1 + len(cut)
     by_shard = {k: v for r in rows(out) for k, v in r.items() if k.startswith("data/skipped/")}
     assert set(by_shard) == {"data/skipped/train-000001.tar", "data/skipped/train-000002.tar"}
     # Evaluation: nothing silently lost; the unreadable count reaches results.json and the metrics.
@@ -422,7 +432,7 @@ def test_bad_data_with_on_bad_sample_error_fails_fast_naming_the_shard(damaged, 
     out = tmp_path / "run"
     start = time.monotonic()
     code, output = launch(["--shards", str(shards), "--out", str(out), *TINY, "--workers", "1", "--epochs", "1",
-                           "--shuffle-buffer", "0", "--on-bad-sample", "error"], tmp_path / "log.txt", timeout=120)
+                           "--on-bad-sample", "error"], tmp_path / "log.txt", timeout=120)
     assert code == 1, output[-4000:]  # the failing worker exits 1 (torchrun: 1)
     assert time.monotonic() - start < 90  # no rank waits forever (in a collective, or for its loader workers)
     assert "BadDataError" in output and "--on-bad-sample skip" in output
@@ -463,16 +473,18 @@ def test_checkpoint_of_another_class_list_and_model_is_refused_saying_what_diffe
     assert code == 2 and "no such checkpoint file" in output, output[-4000:]
 
 
-def test_checkpoint_from_before_train_crop_continues_with_the_resized_crop(sample_shards, reference, tmp_path):
-    """A run trained before --train-crop existed used the random resized crop (and selected best.pt on its
-    evaluation): resuming it keeps that, with a message, rather than switching to the new default."""
-    old = ckpt_io.load_checkpoint(ckpt_io.step_path(reference, STEPS * 2 // 3))
-    old["config"].pop("train_crop")
+def test_a_checkpoint_of_another_format_version_is_refused_not_passed_over(reference, sample_shards, tmp_path):
+    """A checkpoint written by another version of dist_train (another data order, other fields) is refused with a
+    message saying what to do, by --resume PATH and by --resume auto (which must not start over silently)."""
+    old = ckpt_io.load_checkpoint(ckpt_io.step_path(reference, STEPS_PER_EPOCH))
+    old["format_version"] = 1
     torch.save(old, tmp_path / "old.pt")
-    out = tmp_path / "run"
-    code, output = launch(["--shards", str(sample_shards), "--out", str(out), *BASE, "--resume", str(tmp_path / "old.pt")],
-                          tmp_path / "log.txt", nproc=None)
-    assert code == 0, output[-4000:]
-    assert "was trained with the random resized crop (before --train-crop existed)" in output
-    assert ckpt_io.load_checkpoint(out / "last.pt")["config"]["train_crop"] == "resized"
-    assert json.loads((out / "config.json").read_text())["train_crop"] == "resized"
+    code, output = launch(["--shards", str(sample_shards), "--out", str(tmp_path / "run"), *BASE,
+                           "--resume", str(tmp_path / "old.pt")], tmp_path / "log.txt", nproc=None)
+    assert code == 2 and "checkpoint format 1, this code reads 2" in output and "retrain" in output, output[-3000:]
+    out = tmp_path / "auto"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save(old, out / "checkpoints" / "step-00000003.pt")
+    code, output = launch(["--shards", str(sample_shards), "--out", str(out), *BASE], tmp_path / "log2.txt")
+    assert code == 1 and "checkpoint format 1" in output and "--resume never --overwrite" in output, output[-3000:]
+    assert not (out / "last.pt").exists()  # nothing trained, nothing overwritten
