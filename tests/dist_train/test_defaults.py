@@ -17,8 +17,7 @@ from tests.dist_train.dt_helpers import check, results, run_trainer
 
 pytestmark = pytest.mark.slow
 
-SMALL_MODEL = ["--img-size", "32", "--hidden-size", "32", "--epochs", "6", "--wandb", "disabled", "--no-progress",
-               "--lr", "1e-3"]
+SMALL_MODEL = ["--img-size", "32", "--hidden-size", "32", "--epochs", "6", "--wandb", "disabled", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -48,4 +47,6 @@ def test_the_default_run_learns(fifty):
     history = [json.loads(line) for line in (fifty["out"] / "metrics.jsonl").read_text().splitlines()]
     losses = [h["epoch/train/loss"] for h in history if "epoch/train/loss" in h]
     assert len(losses) == 6 and losses[-1] < 0.85 * losses[0], losses
-    assert results(fifty["out"])["top1"] >= 0.6  # 15 test clips, 2 classes that differ only in time
+    # 15 test clips of 2 classes that differ only in time: 12 or more right by chance has p < 2%; seeds 0 and 1
+    # reached 14 and 15 (2026-12-01).
+    assert results(fifty["out"])["top1"] >= 0.8
