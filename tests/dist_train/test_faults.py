@@ -235,7 +235,7 @@ def test_sigkill_of_a_worker_under_max_restarts_resumes_from_the_last_checkpoint
     """Rank 1 is SIGKILLed after step 5 (torchrun's first attempt only); the newest checkpoint is step 4's
     (mid-epoch 2, ``--ckpt-every-steps 2``); torchrun restarts both workers, which resume there."""
     out = tmp_path / "run"
-    args = ["--shards", str(sample_shards), "--out", str(out), *BASE, "--ckpt-every-steps", "2"]
+    args = ["--shards", str(sample_shards), "--out", str(out), *BASE, "--ckpt-every-steps", "2", "--trace-samples"]
     code, output = launch(args, tmp_path / "log.txt", launcher=["--max-restarts=2"],
                           env={"DIST_TRAIN_TEST_KILL_AT_STEP": "5:1"})
     assert code == 0, output[-4000:]
@@ -246,6 +246,9 @@ def test_sigkill_of_a_worker_under_max_restarts_resumes_from_the_last_checkpoint
     assert res["steps_per_rank"] == [STEPS - 4, STEPS - 4]  # each rank ran steps 5..9 after the restart
     assert status(out)["state"] == "completed"
     assert train_steps_logged(out) == list(range(1, STEPS + 1))  # step 5 died before it was logged
+    # The trace holds each step once per rank: what the killed attempt traced after step 4 was dropped.
+    trace = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["rank"]) for r in trace] == [(s, r) for s in range(1, STEPS + 1) for r in (0, 1)]
     assert_same_run(out, reference)
 
 
@@ -439,6 +442,22 @@ def test_bad_data_with_on_bad_sample_error_fails_fast_naming_the_shard(damaged, 
     where = f"sample {keys['train-000001']!r} of shard {shard}" if case == "jpeg" else f"shard {shard}: "
     assert where in output, output[-4000:]
     assert status(out)["state"] == "failed"
+
+
+@pytest.mark.parametrize("on_bad", ["skip", "error"])
+def test_verify_shards_finds_a_shard_that_changed_after_packing(damaged, on_bad, tmp_path):
+    shards, keys = damaged["jpeg"]  # train-000001.tar: one JPEG overwritten in place, same size
+    code, output = launch(["--shards", str(shards), "--out", str(tmp_path / "run"), *TINY, "--workers", "1",
+                           "--epochs", "1", "--verify-shards", "--on-bad-sample", on_bad], tmp_path / "log.txt",
+                          nproc=None, timeout=150)
+    reason = "train-000001.tar is not the file manifest.json lists (sha256"
+    if on_bad == "error":
+        assert code == 1 and f"shard train-000001.tar: {reason}" in output, output[-3000:]
+        return
+    assert code == 0 and f"--verify-shards: skipping shard train-000001.tar: {reason}" in output, output[-3000:]
+    plan = data.make_plan(load_manifest(shards), data.resolve_layout(1, 2), 0, 0, val_fraction=0.1)  # this run's
+    trained = set(load_manifest(shards).shards["train"][1].keys) & {plan.train.keys[i] for i in plan.epoch_order(0)}
+    assert results(tmp_path / "run")["skipped_train_samples"] == len(trained) > 1  # the whole shard, not one JPEG
 
 
 # ------------------------------------------------------------------------------------------- run folder
