@@ -92,6 +92,16 @@ def write_result(res: dict) -> Path:
     return path
 
 
+def report(res: dict) -> int:
+    """A benchmark module's ending: write its result, print its table, exit 0 when its floors are met, else 1."""
+    from bench.__main__ import print_table
+
+    path = write_result(res)
+    print_table([res])
+    print(f"wrote {path}", file=sys.stderr)
+    return 0 if res["passed"] else 1
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its waited-for children."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -42,14 +42,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench import WORK, check, cpu_seconds, result, run_child, write_result
+from bench import WORK, check, cpu_seconds, report, result, run_child
 
 NAME = "load"
-DATA_MODULE = Path(__file__).resolve().parents[1] / "dist_train" / "data.py"
+DATA_MODULE = Path(__file__).resolve().parents[1] / "dist_train" / "data" / "__init__.py"
 
 
 def wait_for_loader(timeout: float = 0.0, poll: float = 30.0) -> bool:
-    """True once dist_train/data.py exists and imports (waits up to ``timeout`` seconds for it)."""
+    """True once dist_train.data exists and imports (waits up to ``timeout`` seconds for it)."""
     deadline = time.monotonic() + timeout
     while True:
         if DATA_MODULE.is_file():
@@ -229,7 +229,7 @@ def run(quick: bool = False, videos: int | None = None, workers: int | None = No
     repeats = repeats or (1 if quick else 3)
     worker_counts = [workers] if workers else [1, 2]
     if not wait_for_loader(wait):
-        raise RuntimeError("dist_train/data.py (our loader) is not there yet: the load benchmark needs it")
+        raise RuntimeError("dist_train.data (our loader) is not there yet: the load benchmark needs it")
     shards, seed_out = prepare(count)
     # Whole runs of ours last 4 epochs (one epoch takes about half a second); the seed's one epoch lasts seconds.
     epochs = 1 if quick else 4
@@ -309,19 +309,14 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for both sides (default: 1 and 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for dist_train/data.py to appear")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for dist_train.data to appear")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return 0
     res = run(a.quick, a.videos, a.workers, a.batch_size, a.repeats, wait=a.wait)
-    path = write_result(res)
-    from bench.__main__ import print_table
-
-    print_table([res])
-    print(f"wrote {path}", file=sys.stderr)
-    return 0 if res["passed"] else 1
+    return report(res)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import cv2
 
-from bench import WORK, check, cpu_seconds, paired_min, result, run_child, write_result
+from bench import WORK, check, cpu_seconds, paired_min, report, result, run_child
 
 NAME = "pack"
 
@@ -284,12 +284,7 @@ def main(argv=None) -> int:
         profile(a.videos or 60)
         return 0
     res = run(a.quick, a.videos, a.repeats)
-    path = write_result(res)
-    from bench.__main__ import print_table
-
-    print_table([res])
-    print(f"wrote {path}", file=sys.stderr)
-    return 0 if res["passed"] else 1
+    return report(res)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import REPO, WORK, check, result, write_result
+from bench import REPO, WORK, check, report, result
 
 NAME = "resume"
 FLAGS = ["--img-size", "64", "--hidden-size", "64", "--batch-size", "8", "--workers", "1", "--val-fraction", "0",
@@ -93,12 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     a = p.parse_args(argv)
     res = run(a.quick, a.repeats)
-    path = write_result(res)
-    from bench.__main__ import print_table
-
-    print_table([res])
-    print(f"wrote {path}", file=sys.stderr)
-    return 0 if res["passed"] else 1
+    return report(res)
 
 
 if __name__ == "__main__":

@@ -550,7 +550,7 @@ class Trainer:
         result = evaluation.evaluate_samples(
             self.model, samples, ids, self.eval_spec, classes=self.classes, layout=self.layout, stats=self.stats,
             device=self.info.device, rank=self.info.rank, world_size=self.info.world_size,
-            batch_size=self.plan.layout.micro_batch, workers=self.plan.workers, autocast=self._autocast(),
+            batch_size=self.cfg.batch_size, workers=self.plan.workers, autocast=self._autocast(),
             split=split, bad_shards=self.plan.bad_shards)
         for r in result.pop("bad")[:20]:
             self.log.info(f"{split}: unreadable data: shard {r['shard']} sample {r['key']}: {r['reason']}")

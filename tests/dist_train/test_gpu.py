@@ -62,15 +62,16 @@ def test_decode_gpu_materialize_matches_the_cpu_path(sample_shards, train):
     tf = data.ClipTransform(24, train, 0.5, True)
     cpu = data.SampleSpec(m.n_frames, m.num_classes, tf, "skip")
     gpu = data.SampleSpec(m.n_frames, m.num_classes, tf, "skip", decode="gpu")
-    plan = data.make_plan(m, 1, 3)
+    plan = data.make_plan(m, data.resolve_layout(1, 3), 0, seed=4)
+    samples, ids = plan.eval_set("test")
     if train:
-        batches = [list(data.train_loader(plan, s, 0, 0, 4, 3)) for s in (cpu, gpu)]
+        batches = [list(data.train_loader(plan, s, 0, 0)) for s in (cpu, gpu)]
     else:
-        batches = [list(data.eval_loader(plan.test, s, 0, 1, 3, 0)) for s in (cpu, gpu)]
+        batches = [list(data.eval_loader(samples, ids, s, 0, 1, 3, 0)) for s in (cpu, gpu)]
     dev = torch.device("cuda")
     for c, g in zip(*batches, strict=True):
-        ref, ref_labels, _ = data.materialize(c, cpu, dev)
-        video, labels, bad = data.materialize(g, gpu, dev)
+        ref, ref_labels, _, _ = data.materialize(c, cpu, dev)
+        video, labels, _, bad = data.materialize(g, gpu, dev)
         assert video.is_cuda and video.shape == ref.shape and video.dtype == ref.dtype == torch.uint8 and not bad
         assert torch.equal(labels, ref_labels)
         # Same crops and flips; nvjpeg's decode differs from libjpeg-turbo's (see the test above).
@@ -83,10 +84,10 @@ def test_pinned_batches_release_their_worker_buffers(sample_shards):
     equal the batches of a run that holds every buffer (no reuse), across 2 worker processes."""
     m = load_manifest(sample_shards)
     sp = data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(24, True), "skip")
-    plan = data.make_plan(m, 1, 1, workers=2)
-    held = list(data.train_loader(plan, sp, 0, 0, 7, 4))
-    pinned = list(data.train_loader(plan, sp, 0, 0, 7, 4, pin=True))
+    plan = data.make_plan(m, data.resolve_layout(1, 1), workers=2, seed=7)
+    held = list(data.train_loader(plan, sp, 0, 0))
+    pinned = list(data.train_loader(plan, sp, 0, 0, pin=True))
     assert len(pinned) == len(held) > 8
     for h, p in zip(held, pinned, strict=True):
-        assert "lease" in h and "lease" not in p and p["video"].is_pinned()
-        assert torch.equal(p["video"], h["video"]) and torch.equal(p["label"], h["label"])
+        assert h.lease is not None and p.lease is None and p.video.is_pinned()
+        assert torch.equal(p.video, h.video) and torch.equal(p.label, h.label) and p.keys == h.keys
