@@ -26,17 +26,20 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from dist_train.data.clips import ClipTransform, _plain, clip_batch, decode_jpegs, make_clip
+from dist_train.data.clips import ClipTransform, _plain, clip_batch, decode_jpegs, frame_size, make_clip
 from dist_train.data.reader import bad_record
-from preprocess.shard_format import LABEL_FIELD, META_FIELD, split_sample
+from preprocess.shard_format import LABEL_FIELD, frame_fields, split_sample
 
 
 def parse_sample(sample: dict, n_frames: int, num_classes: int) -> tuple[list, int]:
     """A sample's JPEG frames and label; KeyError/ValueError when members or label are wrong."""
-    label = sample.get(LABEL_FIELD)
-    if isinstance(label, memoryview):
-        sample = {**sample, LABEL_FIELD: bytes(label)}
-    frames, label, _ = split_sample({k: v for k, v in sample.items() if k != META_FIELD}, n_frames)
+    try:
+        frames = [sample[f] for f in frame_fields(n_frames)]
+        label = sample[LABEL_FIELD]
+        label = label if isinstance(label, int) else int(bytes(label))
+    except KeyError:
+        split_sample(sample, n_frames)  # raises the KeyError that names the missing members
+        raise
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} outside 0..{num_classes - 1}")
     return frames, label
@@ -64,6 +67,9 @@ class SampleSpec:
                 raise ValueError(f"its label member says {got}, manifest.json says {label}")
             if self.decode == "gpu":  # the frames travel to the training process: copies of the reader's views
                 return [bytes(j) for j in jpegs], got
+            if out is not None and self.transform.train and _plain(self.transform):  # the batch filler's hot path
+                self.transform.train_clip(jpegs, *frame_size(jpegs), seed, out)
+                return out, got
             return make_clip(jpegs, self.transform, seed, out=out), got
         except Exception as e:
             return bad_record(self.on_bad, sample.get("__shard__", "?"), sample.get("__key__"),
