@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/python -m preprocess.synth $(DEMO)/data --classes 4 --clips 24
 	$(BIN)/python -m preprocess.shard $(DEMO)/data $(DEMO)/shards --shard-size 16
 	$(BIN)/torchrun --standalone --nproc_per_node=2 -m dist_train --shards $(DEMO)/shards --out $(DEMO)/runs/demo \
-		--epochs 8 --batch-size 4 --img-size 64 --workers 1 --no-hflip --wandb offline
+		--epochs 8 --batch-size 4 --img-size 64 --no-hflip --wandb offline
 	$(BIN)/python -m dist_train.evaluate --checkpoint $(DEMO)/runs/demo/best.pt --shards $(DEMO)/shards --out $(DEMO)/runs/demo/eval
 
 test: setup
