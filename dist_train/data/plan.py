@@ -264,6 +264,7 @@ def validation_note(plan: DataPlan, val_fraction: float, num_classes: int) -> st
         return (f"--val-fraction {val_fraction} of {n} training clips holds out none: no validation set, "
                 "best.pt is the final model")
     if 0 < n_val < max(20, 2 * num_classes):
-        return (f"the validation set has only {n_val} clips: too few to choose a model on reliably (best.pt may be "
-                "a lucky epoch); add data, raise --val-fraction, or pass --val-fraction 0 to keep the final model")
+        return (f"the validation set has only {n_val} clip{'s' if n_val > 1 else ''}: too few to choose a model on "
+                "reliably (best.pt may be a lucky epoch); add data, raise --val-fraction, or pass --val-fraction 0 "
+                "to keep the final model")
     return None
