@@ -14,9 +14,10 @@ A checkpoint is a dict of tensors and plain Python values (loadable with ``weigh
 ``format_version``, ``model`` (unwrapped state dict: no ``module.``/``_orig_mod.`` prefixes),
 ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the epoch being trained), ``step_in_epoch``
 (optimizer steps of that epoch already done), ``step`` (global optimizer steps), ``data`` (the
-global data position: ``epoch``, ``samples_consumed`` and ``global_batch``, see ``dist_train.data.plan``),
-``rng`` (per-rank RNG states), ``history`` (per-epoch
-metrics), ``best`` (best validation top-1 and its epoch), ``config`` (resolved), ``classes``,
+global data position: ``epoch``, ``samples_consumed``, ``global_batch`` and the ``digest`` of the shard
+set, see ``dist_train.data.plan``), ``rng`` (per-rank RNG states), ``state`` (the trainer's
+``TrainState``: per-epoch ``history``, the best validation top-1 and its epoch, ...), ``config``
+(resolved), ``classes``,
 ``packing`` (frames, short_side, quality, min_frames of the shards: how predict prepares raw videos),
 ``world_size``, ``wandb_run_id``, ``kind`` (``"last"`` or ``"best"``) and ``time``.
 
@@ -175,8 +176,10 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a dist_train checkpoint (keys {REQUIRED_KEYS} expected)")
     if ckpt["format_version"] != FORMAT_VERSION:
-        raise CheckpointVersionError(f"{path} has checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}: "
-                         "it was written by another version of dist_train; retrain, or resume it with that version")
+        raise CheckpointVersionError(
+            f"{path} has checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}: it was "
+            "written by another version of dist_train (another data order); retrain, or resume or evaluate it with "
+            "that version")
     return ckpt
 
 

@@ -107,7 +107,8 @@ class TrainConfig:
                                 "that support it, else fp32", ("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = _f(True, "channels-last memory format for the convolutions")
     compile: bool = _f(False, "torch.compile the model")
-    seed: int = _f(0, "random seed (model init; data order and augmentation derive from it per rank and worker)")
+    seed: int = _f(0, "random seed (model init; the data order, the validation hold-out and the augmentation "
+                      "derive from it, the same for any number of processes and loader workers)")
     # checkpoints and restarts
     resume: str = _f("auto", "auto: continue from the newest valid checkpoint in --out if any; never: start fresh "
                              "(refuses a folder with checkpoints unless --overwrite); or a checkpoint PATH")

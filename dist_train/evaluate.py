@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 def _key_paths(manifest: fmt.Manifest, split: str) -> dict[str, str]:
     """Sample key -> source video path, read from the samples' metadata members."""
     out = {}
-    for sample in data.read_split(manifest, split, skip_bad=True):
+    for sample in data.read_split(manifest, split, skip_bad=True, only=(fmt.META_FIELD,)):
         try:
             out[sample["__key__"]] = json.loads(sample[fmt.META_FIELD])["path"]
         except (ValueError, KeyError):

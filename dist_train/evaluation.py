@@ -1,7 +1,7 @@
 """Evaluation of a model over shards: every sample exactly once across ranks, counts checked.
 
 The trainer's per-epoch and final evaluations and ``python -m dist_train.evaluate`` all go through
-``evaluate_shards``, so their numbers agree by construction.
+``evaluate_samples``, so their numbers agree by construction.
 
 Views: one view is the centre crop the trainer evaluates on. ``views=3`` adds the two ends of the
 long side (three spatial crops of the same frames) and averages the class probabilities. Temporal

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -63,7 +64,7 @@ from dist_train.distributed import (
 from dist_train.faults import EXIT_OK, EXIT_STOPPED, ConfigError, StopRequest, after_step_hooks, write_status
 from dist_train.metrics import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, make_logger, resolve_wandb_mode
 from dist_train.models import build_model, input_layout, trunk_parameters, unwrap
-from preprocess.shard_format import load_manifest, write_json_atomic
+from preprocess.shard_format import load_manifest, write_bytes_atomic, write_json_atomic
 
 SAMPLES_FILE = "samples.jsonl"
 VALIDATION_FILE = "validation.json"
@@ -199,9 +200,9 @@ class Trainer:
                 f"{plan.steps_per_epoch} steps per epoch of {lay.global_batch} clips ({lay.world_size} x "
                 f"{lay.micro_batch} x {lay.accum_steps} accumulation), {plan.workers} loader worker(s) per process, "
                 f"precision {cfg.precision}")
-            note = data.validation_note(plan, cfg.val_fraction, len(self.classes))
-            if note:
-                self.log.info(f"warning: {note}")
+            for note in (data.validation_note(plan, cfg.val_fraction, len(self.classes)), self._layout_note()):
+                if note:
+                    self.log.info(f"warning: {note}")
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_path(self) -> Path | None:
@@ -240,6 +241,7 @@ class Trainer:
         """The data plan: the layout keeps the checkpoint's global batch, ``--verify-shards`` finds bad shards."""
         cfg, info = self.cfg, self.info
         global_batch = cfg.global_batch
+        self.data_digest = data.data_digest(manifest)
         if ckpt is not None:
             theirs = ckpt["config"]["global_batch"]
             if global_batch is not None and global_batch != theirs:
@@ -247,17 +249,44 @@ class Trainer:
                                  f"{global_batch}: pass --global-batch {theirs} to continue it (the same samples in "
                                  "the same order), or start a new run in another --out")
             global_batch = theirs
-        layout = data.resolve_layout(info.world_size, cfg.batch_size, cfg.accum_steps, global_batch)
+            # The order, the validation set and the position in them depend on these: a resume keeps them.
+            changed = [f"--{k.replace('_', '-')} {ckpt['config'][k]} (this run: {getattr(cfg, k)})"
+                       for k in ("seed", "val_fraction", "shuffle_window") if ckpt["config"][k] != getattr(cfg, k)]
+            if changed:
+                raise ValueError(f"the checkpoint was trained with {', '.join(changed)}: pass the same values to "
+                                 "continue it (its data order and validation set depend on them), or start a new "
+                                 "run in another --out")
+            if ckpt["data"].get("digest") != self.data_digest:
+                raise ValueError(f"{cfg.shards} is not the shard set the checkpoint was trained on (its manifest's "
+                                 "training shards differ: re-packed?): resume on those shards, or start a new run "
+                                 "in another --out")
+        layout = data.resolve_layout(info.world_size, cfg.batch_size, cfg.accum_steps, global_batch,
+                                     fixed=ckpt is not None)
         workers = data.resolve_workers(cfg.workers)
         bad_shards = {}
-        if cfg.verify_shards:
-            bad_shards = broadcast_object(data.verify_shards(manifest) if info.is_main else None)
-            for name, reason in bad_shards.items():
+        if cfg.verify_shards:  # every rank checks its share of the shards, on its own node's copy
+            found = all_gather_object(data.verify_shards(manifest, part=(info.rank, info.world_size)))
+            bad_shards = {name: reason for part in found for name, reason in part.items()}
+            for name, reason in sorted(bad_shards.items()):
                 data.bad_record(cfg.on_bad_sample, name, None, reason)  # raises under --on-bad-sample error
                 if info.is_main:
                     print(f"[dist_train] --verify-shards: skipping shard {name}: {reason}", flush=True)
-        self.cfg = replace(cfg, global_batch=layout.global_batch, workers=workers)
+        self.cfg = replace(cfg, global_batch=layout.global_batch)
         return data.make_plan(manifest, layout, workers, cfg.seed, cfg.val_fraction, cfg.shuffle_window, bad_shards)
+
+    def _layout_note(self) -> str | None:
+        """A warning when the global batch overrides --accum-steps or forces micro-batches below --batch-size."""
+        lay, cfg = self.plan.layout, self.cfg
+        if lay.micro_batch * lay.accum_steps * lay.world_size == cfg.batch_size * cfg.accum_steps * lay.world_size:
+            return None
+        share = lay.global_batch // lay.world_size
+        note = (f"the global batch {lay.global_batch} over {lay.world_size} process(es) runs as micro-batches of "
+                f"{lay.micro_batch} x {lay.accum_steps} accumulation steps per process (--batch-size "
+                f"{cfg.batch_size} and --accum-steps {cfg.accum_steps} give way to it)")
+        if lay.micro_batch < cfg.batch_size and share > lay.micro_batch:
+            note += (f"; {lay.micro_batch} is the largest divisor of {share} up to --batch-size: a global batch that "
+                     f"is a multiple of {lay.world_size * cfg.batch_size} keeps micro-batches of {cfg.batch_size}")
+        return note
 
     def _write_validation(self, manifest) -> None:
         """``OUT/validation.json``: which training clips validate, and how they were chosen (rank 0)."""
@@ -306,20 +335,26 @@ class Trainer:
         path = self.out / SAMPLES_FILE
         if not path.is_file():
             return
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line)["step"] <= self.state.step]
-        write_text = "".join(line + "\n" for line in lines)
-        path.with_name(path.name + ".tmp").write_text(write_text, encoding="utf-8")
-        path.with_name(path.name + ".tmp").replace(path)
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= self.state.step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill: its step was not saved
+                continue
+        write_bytes_atomic(path, "".join(kept).encode("utf-8"))
 
     def _trace(self, keys: list[str]) -> None:
         """Append this step's keys of every rank to ``samples.jsonl`` (all ranks call it)."""
         per_rank = all_gather_object(keys)
         if self.info.is_main:
-            with open(self.out / SAMPLES_FILE, "a", encoding="utf-8") as f:
-                for rank, ks in enumerate(per_rank):
-                    f.write(json.dumps({"epoch": self.state.epoch, "step": self.state.step, "rank": rank,
-                                        "keys": ks}) + "\n")
+            lines = "".join(json.dumps({"epoch": self.state.epoch, "step": self.state.step, "rank": rank, "keys": ks})
+                            + "\n" for rank, ks in enumerate(per_rank))
+            fd = os.open(self.out / SAMPLES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, lines.encode("utf-8"))  # one write a step: a kill leaves at most one torn line
+            finally:
+                os.close(fd)
 
     def save(self, best: bool = False, stopped_by: str | None = None) -> None:
         """All ranks: gather RNG and data positions; rank 0 writes last.pt (and best.pt) and status; then barrier."""
@@ -335,7 +370,7 @@ class Trainer:
                 "epoch": self.state.epoch, "step": self.state.step, "step_in_epoch": self.state.step_in_epoch,
                 "state": {**asdict(self.state), "epoch_sums": sums.tolist()},
                 "data": {"epoch": self.state.epoch, "samples_consumed": self.state.step_in_epoch * self.plan.global_batch,
-                         "global_batch": self.plan.global_batch},
+                         "global_batch": self.plan.global_batch, "digest": self.data_digest},
                 "rng": per_rank,
                 "config": self.cfg.to_dict(), "classes": list(self.classes), "packing": self.packing,
                 "world_size": self.info.world_size,
@@ -451,24 +486,28 @@ class Trainer:
     def _zero_contribution(self, accum: int) -> None:
         """A micro-batch whose samples were all unreadable: a backward pass that adds nothing to the gradient,
         so this rank still takes part in the DDP gradient all-reduce (the other ranks would wait for it).
-        In eval mode, so BatchNorm statistics see no made-up data."""
+        BatchNorm layers run in eval mode meanwhile, so their statistics see no made-up data (the rest stays
+        in training mode: cuDNN's LSTM has no backward pass in eval mode)."""
         spec = self.train_spec
         s = spec.transform.size
         video = torch.zeros((1, spec.n_frames, 3, s, s), dtype=torch.uint8, device=self.info.device)
-        self.model.eval()
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.eval()
         try:
             with self._autocast():
                 logits = self.forward(data.to_model_input(video, self.layout, self.stats))
             self.scaler.scale(logits.float().sum() * 0.0 / accum).backward()
         finally:
-            self.model.train()
+            for m in norms:
+                m.train()
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does at the start of each forward.
 
         After an epoch's last step each rank still holds the statistics of its own last batches, so the
-        end-of-epoch evaluation (each rank evaluates its own shards) would mix models, and differ from a
-        run resumed at that step, where every rank loads rank 0's checkpoint.
+        end-of-epoch evaluation (each rank evaluates its own block of clips) would mix models, and differ
+        from a run resumed at that step, where every rank loads rank 0's checkpoint.
         """
         if self.ddp is not None:
             for buffer in self.model.buffers():
@@ -575,7 +614,7 @@ class Trainer:
             "classes": self.classes, "epochs": cfg.epochs, "steps": self.state.step, "world_size": self.info.world_size,
             "global_batch": self.plan.global_batch, "micro_batch": self.plan.layout.micro_batch,
             "accum_steps": self.plan.layout.accum_steps, "n_train": self.plan.n_train,
-            "n_val": len(self.plan.val_ids), "selected_on": selected_on,
+            "n_val": len(self.plan.val_ids), "workers": self.plan.workers, "selected_on": selected_on,
             "best_epoch": best["state"]["best_epoch"] if selected_on == "val" else cfg.epochs,
             "best_val_top1": best["state"]["best_top1"] if selected_on == "val" else None,
             "checkpoint": str(best_path), "steps_per_rank": steps_per_rank, "replica_max_abs_diff": replica_diff,

@@ -127,6 +127,8 @@ def reindex(root: Path) -> dict:
         raise IndexingError(f"{path} cannot be read ({e}); re-pack the videos") from None
     if raw.get("format_version") not in (1, fmt.FORMAT_VERSION):
         raise IndexingError(f"{path} has shard format version {raw.get('format_version')}: re-pack the videos")
+    if not 1 <= n_frames <= 1000 or not isinstance(classes, list) or not isinstance(splits, dict):
+        raise IndexingError(f"{path} is not a manifest of this format (n_frames, classes, splits); re-pack the videos")
     try:  # every shard name checked before any file is opened
         entries = [(split, entry) for split, info in splits.items() for entry in info["shards"]]
         bad = [(split, e.get("name")) for split, e in entries if split not in fmt.SPLITS
@@ -148,10 +150,13 @@ def reindex(root: Path) -> dict:
         indexes[found["index"]] = found.pop("_index_bytes")
         entry.update(found)
     raw["format_version"] = fmt.FORMAT_VERSION
+    try:  # what is about to be written must read back
+        fmt.parse_manifest(raw, root)
+    except fmt.FormatError as e:
+        raise IndexingError(f"{e}; nothing was written") from None
     for name, index in indexes.items():
         fmt.write_bytes_atomic(root / name, index)
     fmt.write_manifest(root, raw)
-    fmt.load_manifest(root)  # what was written reads back
     return raw
 
 

@@ -44,9 +44,9 @@ INDEX_VERSION = "v1.2"  # DALI's wds2idx
 TAR_BLOCK = tarfile.BLOCKSIZE
 MAX_MEMBER_BYTES = 32 << 20  # a frame, label or metadata member; more is not something we packed
 MAX_SAMPLE_BYTES = 64 << 20  # all members of one sample: what a reader may allocate for it
-_SHARD_RE = re.compile(r"^(?P<split>train|test)-(?P<index>\d{6})\.tar$")
-_KEY_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_RE = re.compile(r"(?P<split>train|test)-(?P<index>[0-9]{6})\.tar")  # used with fullmatch: no newline
+_KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 REINDEX_HINT = "run `python -m preprocess.index {root}` to rebuild the index files, or re-pack the videos"
 
 
@@ -78,7 +78,7 @@ def sample_key(video_id: int) -> str:
 
 def is_sample_key(key: str) -> bool:
     """True for keys this format allows: 1-64 letters, digits, ``_`` or ``-`` (no dot, no path)."""
-    return _KEY_RE.match(key) is not None
+    return _KEY_RE.fullmatch(key) is not None
 
 
 def shard_name(split: str, index: int) -> str:
@@ -88,7 +88,7 @@ def shard_name(split: str, index: int) -> str:
 
 def is_shard_name(name: str) -> bool:
     """True for names this format uses for shards (``train-000000.tar``)."""
-    return _SHARD_RE.match(name) is not None
+    return _SHARD_RE.fullmatch(name) is not None
 
 
 def index_name(shard: str) -> str:
@@ -303,7 +303,7 @@ def _shard_info(raw, split: str, num_classes: int, where: str) -> ShardInfo:
     if not isinstance(raw, dict):
         raise FormatError(f"{where} must be an object, got {type(raw).__name__}")
     name = raw.get("name")
-    m = _SHARD_RE.match(name) if isinstance(name, str) else None
+    m = _SHARD_RE.fullmatch(name) if isinstance(name, str) else None
     if m is None or m["split"] != split:
         raise FormatError(f"{where}.name must be a plain file name like {shard_name(split, 0)} (no folders, no '..'), "
                           f"got {name!r}")
@@ -311,7 +311,7 @@ def _shard_info(raw, split: str, num_classes: int, where: str) -> ShardInfo:
         if not _is_int(raw.get(k)) or raw[k] < 0:
             raise FormatError(f"{where}.{k} must be a non-negative integer, got {raw.get(k)!r}")
     for k in ("sha256", "index_sha256"):
-        if not isinstance(raw.get(k), str) or not _SHA_RE.match(raw[k]):
+        if not isinstance(raw.get(k), str) or not _SHA_RE.fullmatch(raw[k]):
             raise FormatError(f"{where}.{k} must be 64 lowercase hex digits, got {raw.get(k)!r}")
     if raw.get("index") != index_name(name):
         raise FormatError(f"{where}.index must be {index_name(name)!r}, got {raw.get('index')!r}")
@@ -342,6 +342,12 @@ def load_manifest(root: str | Path) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path} is not valid JSON ({e}); re-run preprocess.shard to rewrite it.") from e
+    return parse_manifest(raw, root)
+
+
+def parse_manifest(raw, root: Path) -> Manifest:
+    """The ``Manifest`` of ``root`` from the decoded JSON ``raw``, validated field by field (``FormatError``)."""
+    path = Path(root) / MANIFEST_NAME
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version == 1:
         raise FormatError(f"{path} is shard format version 1, which has no sample index: "
@@ -378,7 +384,7 @@ def load_manifest(root: str | Path) -> Manifest:
         raise FormatError(f"{path}: sample key {sorted(in_both)[0]!r} is in both train and test; re-pack the videos")
     if not isinstance(raw.get("skipped", []), list) or not isinstance(raw.get("args", {}), dict):
         raise FormatError(f"{path}: skipped must be a list and args must be an object")
-    return Manifest(root=root, classes=list(classes), n_frames=n_frames, shards=shards, per_class=per_class,
+    return Manifest(root=Path(root), classes=list(classes), n_frames=n_frames, shards=shards, per_class=per_class,
                     skipped=list(raw.get("skipped", [])), args=dict(raw.get("args", {})))
 
 
@@ -390,9 +396,11 @@ class ShardIndex:
     sizes: np.ndarray
 
 
-def index_limit(count: int, n_fields: int) -> int:
-    """The most bytes an index of ``count`` samples of ``n_fields`` members may take (longer is refused unread)."""
-    return 64 + count * n_fields * 64
+def index_limit(keys: Sequence[str], fields: Sequence[str]) -> int:
+    """The most bytes an index of samples ``keys`` with members ``fields`` may take (longer is refused unread):
+    each member ``<field> <offset> <size> <key>.<field>`` with at most 15 and 9 digits."""
+    per_sample = sum(2 * len(f) + 30 for f in fields) + 1
+    return 64 + len(keys) * per_sample + len(fields) * sum(map(len, keys))
 
 
 def parse_index(raw: bytes, where: str, keys: Sequence[str], fields: Sequence[str]) -> ShardIndex:
@@ -403,7 +411,7 @@ def parse_index(raw: bytes, where: str, keys: Sequence[str], fields: Sequence[st
     (``MAX_SAMPLE_BYTES`` per sample), and no two members (header and data) may overlap. Raises
     ``FormatError`` naming ``where`` and the line. Work and memory are bounded by ``index_limit``.
     """
-    if len(raw) > index_limit(len(keys), len(fields)):
+    if len(raw) > index_limit(keys, fields):
         raise FormatError(f"{where}: {len(raw)} bytes, more than an index of {len(keys)} samples can take")
     try:
         lines = raw.decode("ascii").split("\n")

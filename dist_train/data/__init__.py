@@ -29,6 +29,7 @@ from dist_train.data.plan import (
     DataPlan,
     Layout,
     Samples,
+    data_digest,
     eval_share,
     hold_out,
     make_plan,
@@ -51,7 +52,8 @@ from dist_train.data.reader import (
 __all__ = [
     "CROPS", "IMAGENET_STATS", "KINETICS_STATS", "MAX_FRAME_PIXELS", "BadDataError", "Batch", "BatchFiller",
     "ClipTransform", "Clips", "DataPlan", "EvalStream", "Layout", "LocalShards", "SampleError", "SampleSpec",
-    "Samples", "ShardReader", "TrainStream", "bad_record", "clip_batch", "decode_jpegs", "eval_loader", "eval_share",
+    "Samples", "ShardReader", "TrainStream", "bad_record", "clip_batch", "data_digest", "decode_jpegs", "eval_loader",
+    "eval_share",
     "frame_size", "hold_out", "iter_unindexed", "jpeg_size", "make_clip", "make_plan", "materialize", "mix_seed",
     "normalization", "parse_sample", "read_split", "resolve_layout", "resolve_workers", "to_model_input",
     "train_loader", "validation_note", "verify_shards",

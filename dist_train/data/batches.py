@@ -1,12 +1,13 @@
 """Batches: clips written into shared-memory buffers by loader workers, handed to the training process.
 
-A DataLoader worker allocates each batch buffer in shared memory (``share_memory_``, the public API),
-so a batch crosses to the training process without the copy that pickling private memory makes. A
-worker keeps a few such buffers and fills one again once the training process has released its batch
-(``Batch.release``, called by ``materialize`` after copying out, or by ``Batch.pin_memory`` after
-pinning): that spares it fresh shared-memory pages for every batch. ``Batch`` is a plain class, not a
-mapping, so torch's pin-memory thread calls its ``pin_memory()`` (torch's documented hook for custom
-batch types) whatever order a torch version checks types in.
+The training process makes each loader worker's batch buffers before the workers start
+(``BufferPool``: anonymous shared memory, which the forked workers inherit); a worker writes a batch
+into a free buffer and sends the training process only its address, and fills that buffer again
+once the training process has released the batch (``Batch.release``, called by ``materialize`` after
+copying out, or by ``Batch.pin_memory`` after pinning). A worker whose buffers are all lent uses one
+of its own (``share_memory_``, the public API), sent with the batch. ``Batch`` is a plain class, not
+a mapping, so torch's pin-memory thread calls its ``pin_memory()`` (torch's documented hook for
+custom batch types) whatever order a torch version checks types in.
 
 A batch that fails to decode a sample carries the bad-sample record instead of the clip, so a
 micro-batch can be smaller than ``--batch-size``; its ``keys`` are the samples it does hold.

@@ -3,8 +3,9 @@
 JPEG decoding goes through ``decode_jpegs`` alone (OpenCV's libjpeg-turbo on the CPU, torchvision's
 batched nvjpeg on CUDA), so the backend changes in one place. Before anything is decoded,
 ``frame_size`` reads each frame's size from its JPEG header (``jpeg_size``): frames of one clip must
-agree and hold at most ``MAX_FRAME_PIXELS`` pixels, so a header claiming 60,000 x 60,000 pixels is a
-bad sample, not a 10 GB allocation (OpenCV's own limit is about a gigapixel per frame).
+agree, be sequential JPEGs (as the packer writes; a progressive one could make its decoder read
+thousands of scans) and hold at most ``MAX_FRAME_PIXELS`` pixels, so a header claiming 60,000 x
+60,000 pixels is a bad sample, not a 10 GB allocation (OpenCV's own limit is about a gigapixel).
 
 A training clip (``make_clip`` with a plain ``ClipTransform``) is decoded frame by frame, each frame
 cropped (as a view) and copied, or resized with ``cv2.resize``, straight into its slot of the batch
@@ -40,6 +41,7 @@ CROPS = ("random", "resized")  # ClipTransform.crop
 MAX_FRAME_PIXELS = 1 << 24  # 16.8 M pixels (4096 x 4096) per frame; packed frames are far smaller
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC excluded)
+_SEQUENTIAL = frozenset({0xC0, 0xC1})  # baseline and extended sequential DCT: what the packer (OpenCV) writes
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
@@ -47,8 +49,8 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     return _frame_header(data)[:2]
 
 
-def _frame_header(data: bytes) -> tuple[int, int, int]:
-    """``(width, height, end)`` of a JPEG's frame header, ``end`` the byte after it; ValueError when none.
+def _frame_header(data: bytes) -> tuple[int, int, int, int]:
+    """``(width, height, end, marker)`` of a JPEG's frame header, ``end`` the byte after it; ValueError when none.
 
     Walks the marker segments from the start of the file to the first start-of-frame marker; every
     step moves forward, so any input ends the walk within its length.
@@ -70,7 +72,7 @@ def _frame_header(data: bytes) -> tuple[int, int, int]:
         if marker in _SOF:
             if i + 9 > n:
                 break
-            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6], i + 9
+            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6], i + 9, marker
         if marker in (0xD9, 0xDA):
             raise ValueError("a JPEG without a frame header before its image data")
         i += 2 + ((data[i + 2] << 8) | data[i + 3])
@@ -79,16 +81,19 @@ def _frame_header(data: bytes) -> tuple[int, int, int]:
 
 def frame_size(jpegs: Sequence[bytes]) -> tuple[int, int]:
     """``(height, width)`` of a clip's frames, read from their JPEG headers; ValueError naming the frame
-    when one is not a JPEG, the sizes differ or a frame exceeds ``MAX_FRAME_PIXELS``."""
+    when one is not a sequential (baseline) JPEG, the sizes differ or a frame exceeds ``MAX_FRAME_PIXELS``."""
     sizes, first = [], None
     for i, data in enumerate(jpegs):
         if first is not None and data[:len(first)] == first:  # frame 0's bytes up to its frame header: its size
             sizes.append(sizes[0])
             continue
         try:
-            w, h, end = _frame_header(data)
+            w, h, end, marker = _frame_header(data)
         except ValueError as e:
             raise ValueError(f"frame {i} is {e}") from None
+        if marker not in _SEQUENTIAL:  # progressive ones can hold thousands of scans, each decoded in full
+            raise ValueError(f"frame {i} is not a sequential JPEG (frame marker 0x{marker:02X}; the packer writes "
+                             "baseline JPEGs)")
         if i == 0:
             first = bytes(data[:end])
         if w * h > MAX_FRAME_PIXELS or w < 1 or h < 1:

@@ -9,7 +9,7 @@ out and reported, never replaced by another), each augmented with the seed
 epoch and the global batch only, never on the number of processes or workers, and a run resumed at
 step ``k`` starts reading at step ``k``: nothing is replayed or decoded twice.
 
-Workers are forked (``multiprocessing_context="fork"``, what torch uses on Linux by default, made
+Workers are forked (``multiprocessing_context="fork"``: Python's default on Linux up to 3.13, made
 explicit) after the training process has read the shards' indexes and made the workers' batch
 buffers (``batches.pool_for``), so both are shared, not copied: a batch crosses to the training
 process as the address of its buffer. Where fork is not available, batches travel the usual way.

@@ -14,8 +14,9 @@ samples, each once. The ``r = n_train - steps x G`` (fewer than one global batch
 rotating slice of the canonical sample order (epoch ``e`` leaves out ``[e r, (e + 1) r)`` modulo
 ``n_train``), so a sample is left out at most once in every ``floor(n_train / r)`` epochs.
 
-**The global order** of an epoch is a pure function of ``(seed, epoch)`` and the data, never of the
-number of nodes, processes or loader workers: the train shards are permuted, cut into windows of
+**The global order** of an epoch is a pure function of ``(seed, epoch)``, the data, the global batch
+(which clips are left out) and the validation hold-out, never of the number of nodes, processes or
+loader workers: the train shards are permuted, cut into windows of
 ``--shuffle-window`` shards, and the samples of each window are permuted (a two-level shuffle that
 reads a few shards at a time, for remote storage). Step ``k`` trains on positions
 ``[k G, (k + 1) G)`` of that order: rank ``r`` takes the ``r``-th ``G / world_size`` of them, as
@@ -54,6 +55,12 @@ def mix_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
+def data_digest(manifest: Manifest) -> str:
+    """A digest of the shard set (each shard's split, name, sample count and sha256): a resume checks it."""
+    listed = [(split, s.name, s.count, s.sha256) for split in sorted(manifest.shards) for s in manifest.shards[split]]
+    return hashlib.sha256(repr(listed).encode()).hexdigest()
+
+
 def _random_keys(n: int, *seed: int) -> np.ndarray:
     """``n`` uint64 sort keys from the raw PCG64 stream of ``seed`` (a stream numpy keeps stable)."""
     return np.random.PCG64(mix_seed(*seed)).random_raw(n)
@@ -83,7 +90,7 @@ class Samples:
                    np.concatenate([np.arange(c, dtype=np.int32) for c in counts] or [np.zeros(0, np.int32)]),
                    np.array([y for s in shards for y in s.labels], np.int64),
                    tuple(k for s in shards for k in s.keys), tuple(g for s in shards for g in s.groups),
-                   ShardIndexes(LocalShards(manifest.root), shards, manifest.fields))
+                   ShardIndexes(LocalShards(manifest.root), shards, manifest.fields, manifest.num_classes))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -104,20 +111,22 @@ class Layout:
         return self.micro_batch * self.accum_steps
 
 
-def resolve_layout(world_size: int, batch_size: int, accum_steps: int = 1, global_batch: int | None = None) -> Layout:
+def resolve_layout(world_size: int, batch_size: int, accum_steps: int = 1, global_batch: int | None = None,
+                   fixed: bool = False) -> Layout:
     """The layout for ``world_size`` processes; ValueError when ``global_batch`` does not split over them.
 
     With ``global_batch``, each process takes ``global_batch / world_size`` clips per step as
     micro-batches of the largest size ``<= batch_size`` that divides its share (``accum_steps`` is
-    then derived); without it, ``global_batch = batch_size x accum_steps x world_size``.
+    then derived); without it, ``global_batch = batch_size x accum_steps x world_size``. ``fixed``: the
+    global batch cannot change (a resume), so the message only offers other process counts.
     """
     if global_batch is None:
         return Layout(batch_size * accum_steps * world_size, world_size, batch_size, accum_steps)
     if global_batch % world_size:
-        fits = [d for d in range(1, min(global_batch, 64) + 1) if global_batch % d == 0]
+        fits = ", ".join(str(d) for d in range(1, min(global_batch, 64) + 1) if global_batch % d == 0)
+        other = "" if fixed else f", or pass a --global-batch that is a multiple of {world_size}"
         raise ValueError(f"--global-batch {global_batch} does not split evenly over {world_size} processes: start "
-                         f"{', '.join(map(str, fits))} processes, or pass a --global-batch that is a multiple of "
-                         f"{world_size} (a resumed run must keep its global batch)")
+                         f"{fits} processes{other}" + (" (a resumed run keeps its global batch)" if fixed else ""))
     share = global_batch // world_size
     micro = max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
     return Layout(global_batch, world_size, micro, share // micro)

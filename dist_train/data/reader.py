@@ -19,15 +19,18 @@ raise ``SampleError`` with the reason; the loaders turn it into a bad-sample rec
 key (``bad_record``), or a ``BadDataError`` under ``--on-bad-sample error``. A shard-level problem is
 found once and given to each of its samples.
 
-A shard whose index file is missing is read whole, in tar order, by webdataset's own iterators
-(``iter_unindexed``), with a warning: slower, and without the checks against the index;
-``python -m preprocess.index`` writes the index files again.
+A shard whose index file is missing gets its index inferred from the tar once, in the training
+process, with a warning (``ShardIndexes``); ``python -m preprocess.index`` writes the index files
+again. Tars that no manifest describes are read in order by webdataset's own iterators
+(``iter_unindexed``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -75,6 +78,16 @@ class LocalShards:
         return self.root / name
 
 
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (a FIFO or a device would block or never
+    end); OSError otherwise. Opened non-blocking, so a FIFO cannot hang the open itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
 def _header_problem(header: bytes, name: bytes, size: int) -> str | None:
     """Why ``header`` (a 512-byte tar header) is not the header of member ``name`` of ``size`` bytes, or None."""
     stored = header[:100].split(b"\0", 1)[0]
@@ -89,28 +102,28 @@ def _header_problem(header: bytes, name: bytes, size: int) -> str | None:
 
 
 class _Open:
-    """An open shard: its file descriptor, size and validated index (or, for a shard without its index
-    file, its samples read whole), or the reason it cannot be read."""
+    """An open shard: its file descriptor, size and validated index, or the reason it cannot be read."""
 
-    def __init__(self, fd: int = -1, size: int = 0, index: ShardIndex | None = None, error: str | None = None,
-                 samples: dict[str, dict] | None = None):
-        self.fd, self.size, self.index, self.error, self.samples = fd, size, index, error, samples
+    def __init__(self, fd: int = -1, size: int = 0, index: ShardIndex | None = None, error: str | None = None):
+        self.fd, self.size, self.index, self.error = fd, size, index, error
 
 
 class ShardIndexes:
-    """The validated indexes of a split's shards, each read once: ``get(i)`` is shard ``i``'s ``ShardIndex``,
-    the reason it cannot be used, or None when its index file is missing.
+    """The validated indexes of a split's shards, each read once: ``get(i)`` is shard ``i``'s ``ShardIndex``
+    or the reason it cannot be used.
 
     Loaded in the training process (``load_all``) before the loader workers start, which then share
     them (parsing an index costs ~17 us a sample: each worker doing it for every shard each epoch
-    would cost a few % of its time).
+    would cost a few % of its time). A shard whose index file is missing gets its index inferred from
+    the tar, once, with a warning (as DALI does when it is given no index): one sequential read with the
+    checks of ``python -m preprocess.index``, its sha256 included.
     """
 
-    def __init__(self, store: LocalShards, shards: Sequence[ShardInfo], fields: Sequence[str]):
-        self.store, self.shards, self.fields = store, list(shards), tuple(fields)
-        self._cache: dict[int, ShardIndex | str | None] = {}
+    def __init__(self, store: LocalShards, shards: Sequence[ShardInfo], fields: Sequence[str], num_classes: int):
+        self.store, self.shards, self.fields, self.num_classes = store, list(shards), tuple(fields), num_classes
+        self._cache: dict[int, ShardIndex | str] = {}
 
-    def get(self, i: int) -> ShardIndex | str | None:
+    def get(self, i: int) -> ShardIndex | str:
         if i not in self._cache:
             self._cache[i] = self._read(self.shards[i])
         return self._cache[i]
@@ -120,22 +133,38 @@ class ShardIndexes:
             self.get(i)
         return self
 
-    def _read(self, info: ShardInfo) -> ShardIndex | str | None:
+    def _read(self, info: ShardInfo) -> ShardIndex | str:
         where = self.store.path(info.index)
         hint = REINDEX_HINT.format(root=self.store.path(""))
         try:
-            with open(where, "rb") as f:
-                raw = f.read(index_limit(info.count, len(self.fields)) + 1)
+            fd = open_regular(where)
         except FileNotFoundError:
-            return None
+            return self._infer(info, hint)
         except OSError as e:
             return f"its index {info.index} cannot be read ({e.strerror or e}): {hint}"
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(index_limit(info.keys, self.fields) + 1)
         if hashlib.sha256(raw).hexdigest() != info.index_sha256:
             return f"its index {info.index} is not the one manifest.json lists (sha256 differs): {hint}"
         try:
             return parse_index(raw, str(where), info.keys, self.fields)
         except FormatError as e:
             return str(e)
+
+    def _infer(self, info: ShardInfo, hint: str) -> ShardIndex | str:
+        from preprocess.index import IndexingError, index_shard
+
+        path = self.store.path(info.name)
+        warnings.warn(f"{path}: no index file {info.index}, inferring the index from the tar (one full read): "
+                      f"{hint}", stacklevel=2)
+        try:
+            os.close(open_regular(path))  # a FIFO in its place would block the read
+            found = index_shard(path, info.count, info.sha256, len(self.fields) - 2, self.num_classes)
+        except (OSError, IndexingError) as e:
+            return f"its index {info.index} is missing and cannot be inferred from the tar ({e}): {hint}"
+        if found["keys"] != list(info.keys):
+            return f"its index {info.index} is missing and the tar holds other samples than manifest.json lists"
+        return parse_index(found["_index_bytes"], str(path), info.keys, self.fields)
 
 
 class ShardReader:
@@ -148,7 +177,7 @@ class ShardReader:
     def __init__(self, store: LocalShards, shards: Sequence[ShardInfo], fields: Sequence[str],
                  bad_shards: dict[str, str] | None = None, max_open: int = 16, indexes: ShardIndexes | None = None):
         self.store, self.shards, self.fields = store, list(shards), tuple(fields)
-        self.indexes = indexes or ShardIndexes(store, shards, fields)
+        self.indexes = indexes or ShardIndexes(store, shards, fields, 1 << 30)
         self._suffixes = [f.encode() for f in self.fields]
         self._buffer = bytearray(1 << 18)  # reused by every read: a sample's members are views of it
         self.bad_shards = dict(bad_shards or {})
@@ -160,40 +189,13 @@ class ShardReader:
         if info.name in self.bad_shards:
             return _Open(error=self.bad_shards[info.name])
         index = self.indexes.get(i)
-        if index is None:
-            return self._load_unindexed(info)
         if isinstance(index, str):
             return _Open(error=index)
         try:
-            fd = os.open(self.store.path(info.name), os.O_RDONLY)
+            fd = open_regular(self.store.path(info.name))
         except OSError as e:
             return _Open(error=f"cannot be opened ({e.strerror or e})")
         return _Open(fd, os.fstat(fd).st_size, index)
-
-    def _load_unindexed(self, info: ShardInfo) -> _Open:
-        """A shard whose index file is missing: its samples read whole, in tar order, by webdataset's iterators
-        (bounded: a tar larger than its samples may be is refused)."""
-        path = self.store.path(info.name)
-        hint = REINDEX_HINT.format(root=self.store.path(""))
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            return _Open(error=f"cannot be opened ({e.strerror or e})")
-        if size > info.count * MAX_SAMPLE_BYTES + 2 * 10240:
-            return _Open(error=f"its index {info.index} is missing and the tar is too large to read whole: {hint}")
-        warnings.warn(f"{path}: no index file {info.index}, reading the shard whole with webdataset (slower): {hint}",
-                      stacklevel=2)
-        wanted, found = set(info.keys), {}
-        try:
-            for sample in iter_unindexed(path):
-                if sample["__key__"] in wanted:
-                    found[sample["__key__"]] = {f: sample[f] for f in self.fields if f in sample}
-                if len(found) == len(wanted):
-                    break
-        except Exception as e:  # a damaged tar: the samples read so far stay readable
-            reason = str(e.args[0]).split(" @ ")[0] if e.args else str(e)  # webdataset appends the stream to it
-            return _Open(samples=found, error=f"unreadable after {len(found)} samples ({type(e).__name__}: {reason})")
-        return _Open(samples=found, error="not in the shard")
 
     def _get(self, i: int) -> _Open:
         shard = self._open.get(i)
@@ -207,21 +209,21 @@ class ShardReader:
             self._open.move_to_end(i)
         return shard
 
-    def sample(self, i: int, row: int) -> dict:
+    def sample(self, i: int, row: int, only: Sequence[str] | None = None) -> dict:
         """Members of sample ``row`` of shard ``i`` by field (plus ``__key__``); SampleError with the reason.
 
         The members are memoryviews of the reader's buffer, valid until its next ``sample()``: decode them
         or copy them (``bytes(m)``) before reading on (reading into one buffer spares an allocation and a
-        copy of each sample, 5% of the time a loader worker spends on it)."""
+        copy of each sample, 5% of the time a loader worker spends on it). ``only``: read just these members."""
         shard, info = self._get(i), self.shards[i]
-        if shard.samples is not None:
-            members = shard.samples.get(info.keys[row])
-            if members is None or len(members) != len(self.fields):
-                raise SampleError(shard.error if members is None else "some of its members are not in the shard")
-            return {"__key__": info.keys[row], **members}
         if shard.error:
             raise SampleError(shard.error)
         offsets, sizes = shard.index.offsets[row].tolist(), shard.index.sizes[row].tolist()
+        fields, suffixes = self.fields, self._suffixes
+        if only is not None:
+            cols = [self.fields.index(f) for f in only]
+            offsets, sizes = [offsets[c] for c in cols], [sizes[c] for c in cols]
+            fields, suffixes = tuple(only), [self._suffixes[c] for c in cols]
         start, end = min(offsets) - TAR_BLOCK, max(o + s for o, s in zip(offsets, sizes))
         if end > shard.size:
             raise SampleError(f"its members end at byte {end}, past the end of the shard ({shard.size} bytes): "
@@ -236,9 +238,9 @@ class ShardReader:
                 used += s + TAR_BLOCK
         out: dict = {"__key__": key}
         prefix = key.encode() + b"."
-        for j, (f, o, s) in enumerate(zip(self.fields, offsets, sizes)):
+        for j, (f, o, s) in enumerate(zip(fields, offsets, sizes)):
             base, buf = span[0] if len(span) == 1 else span[j]
-            at, name = o - base, prefix + self._suffixes[j]
+            at, name = o - base, prefix + suffixes[j]
             head = at - TAR_BLOCK
             # What the packer (and tarfile) write, compared in place; anything else is parsed.
             if not (buf[head:head + len(name)] == name and buf[head + len(name)] == 0
@@ -273,9 +275,10 @@ class ShardReader:
                 os.close(shard.fd)
 
 
-def read_split(manifest: Manifest, split: str, limit: int | None = None, skip_bad: bool = False) -> Iterator[dict]:
+def read_split(manifest: Manifest, split: str, limit: int | None = None, skip_bad: bool = False,
+               only: Sequence[str] | None = None) -> Iterator[dict]:
     """Samples of ``split`` in packing order, at most ``limit``; a bad sample raises ``SampleError``
-    (naming shard and key) or, with ``skip_bad``, is passed over."""
+    (naming shard and key) or, with ``skip_bad``, is passed over. ``only``: read just these members."""
     shards = manifest.shards.get(split, [])
     reader = ShardReader(LocalShards(manifest.root), shards, manifest.fields)
     n = 0
@@ -285,7 +288,7 @@ def read_split(manifest: Manifest, split: str, limit: int | None = None, skip_ba
                 if limit is not None and n >= limit:
                     return
                 try:
-                    sample = reader.sample(i, row)
+                    sample = reader.sample(i, row, only)
                 except SampleError as e:
                     if skip_bad:
                         continue
@@ -303,22 +306,36 @@ def iter_unindexed(path: str | Path) -> Iterator[dict]:
         yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
 
 
-def verify_shards(manifest: Manifest, splits: Sequence[str] = ("train", "test")) -> dict[str, str]:
+def verify_shards(manifest: Manifest, splits: Sequence[str] = ("train", "test"),
+                  part: tuple[int, int] = (0, 1)) -> dict[str, str]:
     """Shard name -> what is wrong, for the shards of ``splits`` whose sha256 (tar or index) is not the
-    manifest's (``--verify-shards``: reads every byte once)."""
-    from preprocess.shard_format import sha256_file
-
+    manifest's (``--verify-shards``: reads every byte once). ``part=(k, n)`` checks every n-th shard from
+    the k-th, so n processes share the work."""
+    shards = [info for split in splits for info in manifest.shards.get(split, [])][part[0]::part[1]]
     bad = {}
-    for split in splits:
-        for info in manifest.shards.get(split, []):
-            for name, want in ((info.name, info.sha256), (info.index, info.index_sha256)):
-                try:
-                    got = sha256_file(manifest.root / name)
-                except OSError as e:
-                    bad[info.name] = f"{name} cannot be read ({e.strerror or e})"
-                    break
-                if got != want:
-                    bad[info.name] = (f"{name} is not the file manifest.json lists (sha256 {got[:12]}..., expected "
-                                      f"{want[:12]}...): it changed after packing; re-pack it")
-                    break
+    for info in shards:
+        for name, want, size in ((info.name, info.sha256, info.bytes), (info.index, info.index_sha256, None)):
+            try:
+                got = _sha256_regular(manifest.root / name, size)
+            except OSError as e:
+                bad[info.name] = f"{name} cannot be read ({e.strerror or e})"
+                break
+            if got != want:
+                bad[info.name] = (f"{name} is not the file manifest.json lists (sha256 {got[:12]}..., expected "
+                                  f"{want[:12]}...): it changed after packing; re-pack it")
+                break
     return bad
+
+
+def _sha256_regular(path: Path, size: int | None) -> str:
+    """sha256 of a regular file, read up to one byte more than ``size`` (its manifest size) at most."""
+    h = hashlib.sha256()
+    with os.fdopen(open_regular(path), "rb") as f:
+        left = (size + 1) if size is not None else None
+        while left is None or left > 0:
+            block = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not block:
+                break
+            h.update(block)
+            left = None if left is None else left - len(block)
+    return h.hexdigest()

@@ -241,3 +241,15 @@ def test_jpeg_header_walk_ends_on_any_input():
             assert 0 <= w < 65536 and 0 <= h < 65536
         except ValueError:
             pass
+
+
+def test_a_progressive_jpeg_is_refused_before_decoding():
+    """The packer writes baseline JPEGs; a progressive one can hold thousands of scans, each decoded in full."""
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".jpg", np.full((16, 24, 3), 90, np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    progressive = buf.tobytes()
+    assert data.jpeg_size(progressive) == (24, 16)
+    with pytest.raises(ValueError, match=r"frame 1 is not a sequential JPEG \(frame marker 0xC2"):
+        data.frame_size([_jpeg(), progressive])

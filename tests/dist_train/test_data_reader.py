@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -264,15 +265,17 @@ def test_webdataset_fallback_raises_on_a_negative_size_instead_of_looping(tmp_pa
     assert time.monotonic() - t0 < 2
 
 
-def test_a_negative_size_in_a_shard_without_index_keeps_the_samples_before_it(sample_shards, shards):
-    with_bad_size(shards, BAD_SIZES["negative"])
+def test_a_negative_size_in_a_shard_without_index_fails_its_samples_with_the_reason(shards):
+    """Without its index file a shard's index is inferred from the tar, with preprocess.index's checks: a
+    member with a negative size makes the whole shard unusable (its index cannot be trusted), quickly."""
+    name, _ = with_bad_size(shards, BAD_SIZES["negative"])
     (shards / "train-000000.idx").unlink()
     m, reader = reader_for(shards)
-    with pytest.warns(UserWarning, match="no index file train-000000.idx"):
+    with pytest.warns(UserWarning, match="no index file train-000000.idx, inferring the index from the tar"):
         got, seconds = timed(outcomes, reader, 0)
-    assert seconds < 2
-    assert got[0] == originals(sample_shards)[0][0]
-    assert all(re.match(r"unreadable after 1 samples \(\w+Error: ", g) for g in got[1:]), got[1:]
+    assert seconds < 2 and all(isinstance(g, str) for g in got), got
+    assert all("its index train-000000.idx is missing and cannot be inferred from the tar" in g for g in got)
+    assert all("sha256" in g or "not a regular file" in g or "not a readable tar" in g for g in got), got
 
 
 def test_members_past_the_end_of_a_truncated_shard(sample_shards, shards):
@@ -313,17 +316,20 @@ def test_a_member_name_that_differs_from_the_index_fails_that_sample_only(sample
 def test_a_missing_shard_cannot_be_opened(sample_shards, shards):
     (shards / "train-000002.tar").unlink()
     (shards / "train-000003.tar").unlink()
-    (shards / "train-000003.idx").unlink()  # no index either: the fallback reports it too
+    (shards / "train-000003.idx").unlink()  # no index either: it cannot be inferred from a tar that is not there
     _, reader = reader_for(shards)
-    for i in (2, 3):
-        assert outcomes(reader, i) == ["cannot be opened (No such file or directory)"] * 4
+    assert outcomes(reader, 2) == ["cannot be opened (No such file or directory)"] * 4
+    with pytest.warns(UserWarning, match="no index file train-000003.idx"):
+        got = outcomes(reader, 3)
+    assert all("its index train-000003.idx is missing and cannot be inferred from the tar" in g
+               and "No such file or directory" in g for g in got)
     assert outcomes(reader, 1) == originals(sample_shards)[1]
 
 
-def test_a_missing_index_reads_the_shard_whole_with_a_warning(sample_shards, shards):
+def test_a_missing_index_is_inferred_from_the_tar_with_a_warning(sample_shards, shards):
     (shards / "train-000001.idx").unlink()
     _, reader = reader_for(shards)
-    with pytest.warns(UserWarning, match=r"no index file train-000001\.idx, reading the shard whole.*preprocess.index"):
+    with pytest.warns(UserWarning, match=r"no index file train-000001\.idx, inferring the index from the tar.*preprocess.index"):
         got = outcomes(reader, 1)
     assert got == originals(sample_shards)[1]
 
@@ -392,7 +398,7 @@ def test_an_index_of_a_million_members_is_refused_unparsed(shards, shape):
         data = f"v1.2 {info.count}\n".encode() + b"000.jpg 512 0 00000019.000.jpg " * n
     else:
         data = f"v1.2 {n}\n".encode() + b"000.jpg 512 0 k.000.jpg\n" * n
-    limit = index_limit(info.count, len(m.fields))
+    limit = index_limit(info.keys, m.fields)
     error, seconds = timed(parse_index, data, "big.idx", info.keys, m.fields)
     assert isinstance(error, FormatError) and seconds < 1
     assert str(error) == f"big.idx: {len(data)} bytes, more than an index of {info.count} samples can take"
@@ -464,14 +470,17 @@ def test_members_may_be_listed_in_any_order():
 
 
 def test_indexes_are_read_once_and_shared(sample_shards, shards):
-    """ShardIndexes gives each shard's index, the reason it cannot be used, or None (missing), read once;
-    readers given them (the loader workers) use those and do not read the index files again."""
+    """ShardIndexes gives each shard's index or the reason it cannot be used (a missing one inferred from the
+    tar), read once; readers given them (the loader workers) use those and do not read the index files again."""
     m = load_manifest(shards)
     (shards / "train-000001.idx").unlink()
     (shards / "train-000002.idx").write_bytes(b"v1.2 4\n")
-    indexes = ShardIndexes(LocalShards(shards), m.shards["train"], m.fields).load_all()
+    with pytest.warns(UserWarning, match="inferring the index"):
+        indexes = ShardIndexes(LocalShards(shards), m.shards["train"], m.fields, m.num_classes).load_all()
     got = [indexes.get(i) for i in range(4)]
-    assert isinstance(got[0], fmt.ShardIndex) and got[1] is None and "sha256 differs" in got[2]
+    assert isinstance(got[0], fmt.ShardIndex) and isinstance(got[1], fmt.ShardIndex) and "sha256 differs" in got[2]
+    original = parse_index((sample_shards / "train-000001.idx").read_bytes(), "x", m.shards["train"][1].keys, m.fields)
+    assert (got[1].offsets == original.offsets).all() and (got[1].sizes == original.sizes).all()
     assert got[0].offsets.shape == got[0].sizes.shape == (4, len(m.fields))
     for i in (0, 3):
         (shards / m.shards["train"][i].index).unlink()  # loaded before: not needed any more
@@ -534,6 +543,8 @@ MANIFEST_CASES = {
                     "splits.train.count is 17, its shards hold 16"),
     "float split count": (lambda raw: raw["splits"]["train"].__setitem__("count", 16.0),
                           "splits.train.count is 16.0, its shards hold 16"),
+    "name with a newline": (_set("name", "train-000000.tar\n"), f"{SHARD0}.name must be a plain file name"),
+    "key with a newline": (lambda raw: _first(raw)["keys"].__setitem__(0, "00000019\n"), f"{SHARD0}.keys: every key"),
     "upper-case sha256": (lambda raw: _first(raw).__setitem__("sha256", _first(raw)["sha256"].upper()),
                           f"{SHARD0}.sha256 must be 64 lowercase hex digits"),
     "short index sha256": (_set("index_sha256", "abc"), f"{SHARD0}.index_sha256 must be 64 lowercase hex digits"),
@@ -556,3 +567,39 @@ def test_manifest_validation_names_the_field(sample_shards, tmp_path, case):
     with pytest.raises(FormatError) as e:
         load_manifest(tmp_path)
     assert str(e.value).startswith(str(tmp_path / fmt.MANIFEST_NAME)) and reason in str(e.value), str(e.value)
+
+
+def test_a_fifo_in_place_of_a_shard_or_an_index_fails_at_once(sample_shards, shards):
+    """A FIFO (or a device) where a file should be would block an open or never end a read."""
+    os.unlink(shards / "train-000001.tar")
+    os.mkfifo(shards / "train-000001.tar")
+    os.unlink(shards / "train-000002.idx")
+    os.mkfifo(shards / "train-000002.idx")
+    m, reader = reader_for(shards)
+    got, seconds = timed(lambda: [outcomes(reader, 1), outcomes(reader, 2)])
+    assert seconds < 2
+    assert got[0] == ["cannot be opened (not a regular file)"] * 4
+    assert all("its index train-000002.idx cannot be read" in g for g in got[1])
+    assert outcomes(reader, 0) == originals(sample_shards)[0]
+    bad, seconds = timed(verify_shards, m)
+    assert seconds < 2 and set(bad) == {"train-000001.tar", "train-000002.tar"}
+
+
+def test_verify_shards_in_parts_covers_every_shard_once(shards):
+    m = load_manifest(shards)
+    blob = bytearray((shards / "test-000001.tar").read_bytes())
+    blob[-1] ^= 1
+    (shards / "test-000001.tar").write_bytes(bytes(blob))
+    parts = [verify_shards(m, part=(k, 3)) for k in range(3)]
+    assert [sorted(p) for p in parts].count(["test-000001.tar"]) == 1 and sum(map(len, parts)) == 1
+
+
+def test_an_index_of_long_keys_fits_its_limit(tmp_path):
+    key = "k" * 64  # the longest key the format allows, at offsets of many digits
+    w = fmt.ShardWriter(tmp_path / "train-000000.tar")
+    w.write(key, [b"\xff\xd8" * 10] * 16, 0, {"path": "a/b.avi"})
+    info = w.close()
+    raw = (tmp_path / "train-000000.idx").read_bytes()
+    big = raw.replace(b" 512 ", b" " + b"9" * 14 + b"2 ")  # a 15-digit offset: still within the limit
+    assert len(big) <= index_limit([key], fmt.sample_fields(16)) and info["keys"] == [key]
+    assert parse_index(raw, "x", [key], fmt.sample_fields(16)).offsets[0, 0] == 512

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dist_train import checkpoint as ckpt_io
+from dist_train import data
 from preprocess.shard_format import load_manifest
 from tests.conftest import make_shards, make_videos
 from tests.dist_train.dt_helpers import TINY, check, results, run_trainer
@@ -72,10 +73,13 @@ def test_each_leg_stopped_where_asked_and_resumed_at_another_world_size(runs):
     for text in output[1:]:
         assert "the data order goes on from the same position (global batch 6)" in text
     assert "1 x 2 x 3 accumulation" in output[1] and "3 x 2 x 1 accumulation" in output[2]
+    assert ("warning: the global batch 6 over 1 process(es) runs as micro-batches of 2 x 3 accumulation steps per "
+            "process (--batch-size 2 and --accum-steps 1 give way to it)") in output[1]
     res = results(runs["out"])
     assert res["world_size"] == 3 and res["global_batch"] == GLOBAL_BATCH and res["steps"] == EPOCHS * 6
     ck = ckpt_io.load_checkpoint(runs["out"] / "last.pt")
-    assert ck["data"] == {"epoch": EPOCHS, "samples_consumed": 0, "global_batch": GLOBAL_BATCH}
+    assert ck["data"] == {"epoch": EPOCHS, "samples_consumed": 0, "global_batch": GLOBAL_BATCH,
+                          "digest": data.data_digest(load_manifest(runs["shards"]))}
 
 
 def test_every_global_step_trains_on_the_same_samples_as_the_uninterrupted_run(runs):
@@ -108,5 +112,24 @@ def test_a_resume_that_would_change_the_global_batch_is_refused_naming_the_flag(
     assert "trained with --global-batch 6, this run asks for 4: pass --global-batch 6" in proc.stderr
     i = args.index("--global-batch")
     proc = check(run_trainer([*args[:i], *args[i + 2:], "--batch-size", "4"], nproc=4, timeout=180), 1)  # torchrun: 1
-    assert "--global-batch 6 does not split evenly over 4 processes: start 1, 2, 3, 6" in proc.stderr
+    assert "--global-batch 6 does not split evenly over 4 processes: start 1, 2, 3, 6 processes (a resumed run keeps" \
+        in proc.stderr
     assert "exitcode  : 2" in proc.stderr
+    # The order and the validation set depend on the seed, the hold-out, the window and the shards: kept too.
+    proc = check(run_trainer([*args, "--seed", "1"], nproc=None, timeout=120), 2)
+    assert "the checkpoint was trained with --seed 0 (this run: 1): pass the same values" in proc.stderr
+    repacked = make_shards(make_videos(tmp_path / "data", classes=2, clips=30), tmp_path / "repacked", shard_size=6)
+    i = args.index("--shards")
+    proc = check(run_trainer([*args[:i + 1], str(repacked), *args[i + 2:]], nproc=None, timeout=120), 2)
+    assert "is not the shard set the checkpoint was trained on" in proc.stderr
+
+
+def test_a_trace_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from dist_train.train import SAMPLES_FILE, Trainer
+
+    lines = [json.dumps({"epoch": 0, "step": s, "rank": r, "keys": ["a"]}) for s in (1, 2, 3) for r in (0, 1)]
+    (tmp_path / SAMPLES_FILE).write_text("\n".join(lines) + "\n" + lines[0][:17])  # torn mid-line by a SIGKILL
+    Trainer._trim_trace(SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=2)))  # resumed at step 2
+    assert (tmp_path / SAMPLES_FILE).read_text().splitlines() == lines[:4]

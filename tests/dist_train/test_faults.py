@@ -444,6 +444,19 @@ def test_bad_data_with_on_bad_sample_error_fails_fast_naming_the_shard(damaged, 
     assert status(out)["state"] == "failed"
 
 
+def test_a_micro_batch_with_no_readable_clip_adds_nothing_and_no_rank_waits(damaged, tmp_path):
+    """Batch 1 per process: the process that draws the corrupt clip has nothing to train on in that step. It
+    still joins the gradient all-reduce (a zero contribution); the run ends normally."""
+    shards, keys = damaged["jpeg"]
+    out = tmp_path / "run"
+    code, output = launch(["--shards", str(shards), "--out", str(out), *TINY, "--batch-size", "1", "--workers", "1",
+                           "--epochs", "1", "--log-every", "1", "--test-every", "0"], tmp_path / "log.txt", timeout=150)
+    assert code == 0, output[-4000:]
+    assert f"skipped bad data: shard train-000001.tar sample {keys['train-000001']}: " in output
+    res = results(out)
+    assert res["skipped_train_samples"] == 1 and res["steps"] == 15 // 2 and res["replica_max_abs_diff"] == 0.0
+
+
 @pytest.mark.parametrize("on_bad", ["skip", "error"])
 def test_verify_shards_finds_a_shard_that_changed_after_packing(damaged, on_bad, tmp_path):
     shards, keys = damaged["jpeg"]  # train-000001.tar: one JPEG overwritten in place, same size

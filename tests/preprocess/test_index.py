@@ -156,3 +156,15 @@ def test_a_tar_larger_than_its_samples_can_be_is_refused_unread(v1):
         reindex(v1)
     assert time.monotonic() - start < 5 and not list(v1.glob("*.idx"))
     assert (v1 / fmt.MANIFEST_NAME).read_bytes() == manifest
+
+
+def test_a_manifest_that_would_not_read_back_is_refused_before_anything_is_written(v1):
+    """The upgraded manifest is validated before a file is written (here: a class listed twice, which the shards
+    themselves do not show)."""
+    edit_manifest(v1, lambda raw: raw.__setitem__("classes", [raw["classes"][0]] * 2))
+    refused(v1, "classes must be a list of distinct class names", "nothing was written")
+
+
+def test_an_absurd_frame_count_is_refused(v1):
+    edit_manifest(v1, lambda raw: raw.__setitem__("n_frames", 10**9))
+    refused(v1, "is not a manifest of this format")
