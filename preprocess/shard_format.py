@@ -379,7 +379,8 @@ def parse_manifest(raw, root: Path) -> Manifest:
         if not _is_int(info.get("count")) or info["count"] != len(keys):
             raise FormatError(f"{path}: splits.{split}.count is {info.get('count')!r}, its shards hold {len(keys)}")
         per_class[split] = info.get("per_class", {})
-    in_both = set().union(*[s.keys for s in shards.get("train", [])]) & set().union(*[s.keys for s in shards.get("test", [])])
+    keys_of = {split: {k for s in shards.get(split, []) for k in s.keys} for split in SPLITS}
+    in_both = keys_of["train"] & keys_of["test"]
     if in_both:
         raise FormatError(f"{path}: sample key {sorted(in_both)[0]!r} is in both train and test; re-pack the videos")
     if not isinstance(raw.get("skipped", []), list) or not isinstance(raw.get("args", {}), dict):
@@ -433,7 +434,8 @@ def parse_index(raw: bytes, where: str, keys: Sequence[str], fields: Sequence[st
         if len(tokens) != 4 * len(fields) or tokens[3::4] != [f"{key}.{f}" for f in listed] or (
                 listed != canonical and sorted(listed) != sorted(canonical)):
             raise FormatError(f"{where} line {i + 2}: does not list exactly the {len(fields)} members of sample "
-                              f"{key!r} ({fields[0]} ... {fields[-1]}, each as '<field> <offset> <size> {key}.<field>')")
+                              f"{key!r} ({fields[0]} ... {fields[-1]}, each as "
+                              f"'<field> <offset> <size> {key}.<field>')")
         order[i] = np.arange(len(fields)) if listed == canonical else [column[f] for f in listed]
         numbers += tokens[1::4]
         numbers += tokens[2::4]

@@ -164,28 +164,36 @@ class BufferPool:
         self.lease_at = self.label_at + 8 * batch_size
         self.nbytes, self.shared = self.lease_at + 1, shared
         self._buffers = [[self._make(shared) for _ in range(per_worker)] for _ in range(max(1, workers))]
+        # Bumped each time the pool serves a new loader: a worker of an earlier one (stalled past its loader's
+        # shutdown) then finds another generation and lends itself no buffer of the pool.
+        self.generation = torch.frombuffer(mmap.mmap(-1, 8), dtype=torch.int64) if shared \
+            else torch.zeros(1, dtype=torch.int64)
         _POOLS[self.token] = self
 
     def _make(self, shared: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raw = torch.frombuffer(mmap.mmap(-1, self.nbytes), dtype=torch.uint8).fill_(0) if shared \
             else torch.zeros(self.nbytes, dtype=torch.uint8)
-        return (_view(raw, 0, self.video_shape, torch.uint8), _view(raw, self.label_at, (self.video_shape[0],), torch.int64),
+        return self._views(raw)
+
+    def _views(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(video, labels, lease)`` of a buffer's bytes."""
+        return (_view(raw, 0, self.video_shape, torch.uint8),
+                _view(raw, self.label_at, (self.video_shape[0],), torch.int64),
                 _view(raw, self.lease_at, (1,), torch.uint8))
 
     def buffer(self, worker: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(video, labels, lease)`` of a slot."""
         return self._buffers[worker][slot]
 
-    def lend(self, worker: int) -> tuple[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def lend(self, worker: int, generation: int = 0) -> tuple[int | None, tuple[torch.Tensor, ...]]:
         """``(slot, (video, labels, lease))`` of a free buffer of ``worker``, marked lent; slot None for a
-        buffer of its own (in shared memory inside a worker) when all are lent."""
+        buffer of its own (in shared memory inside a worker) when all are lent, or when the pool serves
+        another loader than the one of ``generation``."""
         for slot, buf in enumerate(self._buffers[worker]):
-            if int(buf[2]) == 0:
+            if int(buf[2]) == 0 and int(self.generation) == generation:
                 buf[2].fill_(1)
                 return slot, buf
-        raw = _shared_empty(self.nbytes)
-        buf = (_view(raw, 0, self.video_shape, torch.uint8), _view(raw, self.label_at, (self.video_shape[0],), torch.int64),
-               _view(raw, self.lease_at, (1,), torch.uint8))
+        buf = self._views(_shared_empty(self.nbytes))
         buf[2].fill_(1)
         return None, buf
 
@@ -202,6 +210,7 @@ def pool_for(owner: object, workers: int, batch_size: int, clip_shape: Sequence[
     key = (workers, batch_size, tuple(clip_shape))
     idle = _IDLE.setdefault(key, [])
     pool = idle.pop() if idle else BufferPool(workers, batch_size, clip_shape)
+    pool.generation += 1  # what this owner's workers will find (they start after this)
     weakref.finalize(owner, _idle_again, idle, pool)
     return pool
 
@@ -216,6 +225,7 @@ class BatchFiller:
 
     def __init__(self, spec: SampleSpec, size: int, pool: BufferPool | None = None, worker: int = 0):
         self.spec, self.size, self.worker = spec, size, worker
+        self.generation = int(pool.generation) if pool is not None else 0
         # Plain transforms have a known output shape, so each clip is written into its slot.
         self.direct = spec.decode != "gpu" and _plain(spec.transform)
         if self.direct:
@@ -245,7 +255,7 @@ class BatchFiller:
             return
         if self.direct:
             if self.buf is None:
-                self.slot, self.buf = self.pool.lend(self.worker)
+                self.slot, self.buf = self.pool.lend(self.worker, self.generation)
                 self.slots = self.buf[0].numpy()
             np.copyto(self.slots[len(self.labels)], self.scratch)
         else:
@@ -339,7 +349,8 @@ def _materialize_jpegs(batch: Batch, spec: SampleSpec, device: torch.device, key
             if all(f.shape == frames[0].shape for f in frames):
                 groups[j] = frames
             else:
-                bad.append(bad_record(spec.on_bad, "?", keys[j], "decode in the training process: frames of different sizes"))
+                bad.append(bad_record(spec.on_bad, "?", keys[j],
+                                      "decode in the training process: frames of different sizes"))
         if groups and _plain(spec.transform):
             idx = list(groups)
             video = clip_batch(spec.transform, [groups[j] for j in idx], [seeds[j] for j in idx])

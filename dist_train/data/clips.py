@@ -214,7 +214,8 @@ class ClipTransform:
             self._crop_into(f, o, box)
         return out
 
-    def train_clip(self, jpegs: Sequence[bytes], h: int, w: int, seed: int, out: np.ndarray | None = None) -> np.ndarray:
+    def train_clip(self, jpegs: Sequence[bytes], h: int, w: int, seed: int,
+                   out: np.ndarray | None = None) -> np.ndarray:
         """Decode ``h x w`` JPEG frames one by one, each cropped and flipped into ``out`` (uint8 ``[T, S, S, 3]``)."""
         if out is None:
             out = np.empty((len(jpegs), self.size, self.size, 3), np.uint8)
@@ -265,7 +266,7 @@ class ClipTransform:
 
 
 def _plain(transform: ClipTransform) -> bool:
-    """True when ``transform`` is a ClipTransform whose ``__call__`` is not overridden (its output is ``[T, 3, S, S]``)."""
+    """True for a ClipTransform whose ``__call__`` is not overridden (its output is ``[T, 3, S, S]``)."""
     return isinstance(transform, ClipTransform) and type(transform).__call__ is ClipTransform.__call__
 
 

@@ -103,6 +103,27 @@ def test_pool_lends_only_released_buffers_and_never_blocks():
     assert a[0].data_ptr() + a[0].numel() <= a[1].data_ptr() < a[2].data_ptr()
 
 
+def test_a_reused_pool_lends_nothing_to_a_worker_of_the_loader_before():
+    """A pool goes back to the idle list when its loader is gone; should a worker of that loader still be running
+    (stalled past its shutdown), it must not write into the pool the next loader uses."""
+    import gc
+
+    class Owner:  # stands for a loader's dataset
+        pass
+
+    shape = (2, 4, 4, 3)
+    first = Owner()
+    pool = data.batches.pool_for(first, 1, 2, shape)
+    stale = data.BatchFiller(data.SampleSpec(2, 2, data.ClipTransform(4, True), "skip"), 2, pool, 0)
+    del first
+    gc.collect()
+    second = Owner()
+    assert data.batches.pool_for(second, 1, 2, shape) is pool  # reused
+    fresh = data.BatchFiller(data.SampleSpec(2, 2, data.ClipTransform(4, True), "skip"), 2, pool, 0)
+    assert pool.lend(0, stale.generation)[0] is None  # the stale worker gets a buffer of its own
+    assert pool.lend(0, fresh.generation)[0] == 0
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_released_buffers_are_refilled_without_touching_what_materialize_returned(sample_shards, workers):
     """Reused buffers (released by materialize, across real worker processes) give exactly the batches
