@@ -143,8 +143,6 @@ class Trainer:
             self.cfg = cfg
             resume_from = self._resume_path()
             ckpt = ckpt_io.load_checkpoint(resume_from) if resume_from else None
-            self.plan = self._plan(manifest, ckpt)
-            cfg = self.cfg
             seed_everything(cfg.seed, info.rank)
             model = build_model(cfg.model, len(self.classes), pretrained=None if ckpt else cfg.pretrained,
                                 rnn=cfg.rnn, hidden=cfg.hidden_size, layers=cfg.rnn_layers,
@@ -153,6 +151,8 @@ class Trainer:
             if ckpt:
                 ckpt_io.check_compatible(ckpt, cfg.to_dict(), self.classes, model, str(resume_from))
                 model.load_state_dict(ckpt["model"])
+            self.plan = self._plan(manifest, ckpt)  # after the model: a checkpoint that does not fit says so first
+            cfg = self.cfg
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from e
         self.layout = input_layout(cfg.model)
