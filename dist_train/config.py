@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-MODEL_NAMES = ("cnn_rnn", "r3d_18", "mc3_18", "r2plus1d_18")  # kept equal to models.MODELS by a test
-TRAIN_CROPS = ("random", "resized")  # kept equal to data.CROPS by a test
+# The one list of each choice (config.py imports no torch, so --help and config errors stay fast):
+MODEL_NAMES = ("cnn_rnn", "r3d_18", "mc3_18", "r2plus1d_18")  # models.build_model builds each
+TRAIN_CROPS = ("random", "resized")  # data.ClipTransform's crops
+RNNS = ("lstm", "gru")  # cnn_rnn's recurrent layer
+HEADS = ("last", "mean")  # what cnn_rnn classifies
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, parse=None) -> Any:
@@ -50,14 +53,17 @@ class TrainConfig:
                                    "resizes the short side to img-size, then centre-crops)",
                          TRAIN_CROPS)
     crop_scale: float = _f(0.5, "smallest area fraction of the random resized crop (--train-crop resized)")
-    hflip: bool = _f(True, "random horizontal flip of whole clips; turn off when classes depend on left/right direction")
+    hflip: bool = _f(True, "random horizontal flip of whole clips; turn off when classes depend on left/right "
+                           "direction")
     workers: int | str = _f("auto", "DataLoader worker processes per training process (0 = load in the main process); "
                                     "auto = the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK) shared by "
                                     "the processes on the node, less one, between 1 and 16", parse=_workers)
     shuffle_window: int = _f(16, "shards whose samples are shuffled together (the order also permutes the shards): "
                                  "larger mixes more, smaller reads fewer shards at a time")
-    decode: str = _f("cpu", "where JPEG frames are decoded: cpu (in the DataLoader workers) or gpu "
-                            "(batched nvjpeg in the training process, CPU fallback)", ("cpu", "gpu"))
+    decode: str = _f("cpu", "where JPEG frames are decoded: cpu (in the DataLoader workers) or gpu (batched nvjpeg in "
+                            "the training process, CPU fallback). gpu was measured slower than cpu on the one GPU it "
+                            "ran on (H200 with 12 loader workers: 494-794 vs 1,405-1,741 clips/s): try it only when "
+                            "CPU cores, not the GPU, limit the loading", ("cpu", "gpu"))
     on_bad_sample: str = _f("skip", "a corrupt sample or truncated shard: skip it and count it (logged with the "
                                     "shard name) or stop with an error naming the shard", ("skip", "error"))
     val_fraction: float = _f(0.1, "fraction of the training clips held out as the validation set that selects best.pt "
@@ -71,16 +77,16 @@ class TrainConfig:
                             "never used for model selection)")
     # model
     model: str = _f("cnn_rnn", "model architecture", MODEL_NAMES)
-    pretrained: str | None = _f(None, "pretrained weights: imagenet (cnn_rnn), kinetics (3D CNNs) or a state-dict path; "
-                                      "read from the torch hub cache, never downloaded")
+    pretrained: str | None = _f(None, "pretrained weights: imagenet (cnn_rnn), kinetics (3D CNNs) or a state-dict "
+                                      "path; read from the torch hub cache, never downloaded")
     freeze_trunk: bool = _f(False, "freeze the backbone (train only the RNN and head / the final layer)")
     trunk_lr_scale: float = _f(1.0, "learning-rate multiplier for the backbone (e.g. 0.1 for a pretrained trunk)")
-    rnn: str = _f("lstm", "recurrent layer of cnn_rnn", ("lstm", "gru"))
+    rnn: str = _f("lstm", "recurrent layer of cnn_rnn", RNNS)
     hidden_size: int = _f(256, "RNN hidden size (cnn_rnn)")
     rnn_layers: int = _f(1, "stacked RNN layers (cnn_rnn)")
     bidirectional: bool = _f(False, "bidirectional RNN (cnn_rnn)")
     dropout: float = _f(0.0, "dropout before the classifier (and between stacked RNN layers)")
-    head: str = _f("last", "cnn_rnn classifies the last RNN state or the temporal mean of the outputs", ("last", "mean"))
+    head: str = _f("last", "cnn_rnn classifies the last RNN state or the temporal mean of the outputs", HEADS)
     # optimisation
     epochs: int = _f(30, "training epochs")
     global_batch: int | None = _f(None, "clips per optimizer step over all processes, split over them (each takes "
@@ -96,7 +102,8 @@ class TrainConfig:
     weight_decay: float = _f(0.01, "weight decay")
     momentum: float = _f(0.9, "SGD momentum (Nesterov)")
     scheduler: str = _f("cosine", "LR schedule: linear warmup then cosine decay per step; ReduceLROnPlateau on "
-                                  "validation loss per epoch; or warmup then constant", ("cosine", "plateau", "constant"))
+                                  "validation loss per epoch; or warmup then constant",
+                        ("cosine", "plateau", "constant"))
     warmup_epochs: float = _f(1.0, "linear warmup length in epochs (cosine and constant schedules)")
     min_lr_ratio: float = _f(0.01, "final learning rate of the cosine schedule as a fraction of --lr")
     plateau_factor: float = _f(0.5, "ReduceLROnPlateau: factor applied to the LR")
@@ -114,7 +121,8 @@ class TrainConfig:
                              "(refuses a folder with checkpoints unless --overwrite); or a checkpoint PATH")
     overwrite: bool = _f(False, "with --resume never: allow starting over in a run folder that holds checkpoints")
     ckpt_every_steps: int = _f(0, "also save last.pt every N optimizer steps (0 = only at epoch ends and on stop)")
-    ckpt_every_minutes: float = _f(15.0, "also save last.pt when this many minutes passed since the last save (0 = off)")
+    ckpt_every_minutes: float = _f(15.0, "also save last.pt when this many minutes passed since the last save "
+                                         "(0 = off)")
     keep_last: int = _f(3, "step checkpoints kept in OUT/checkpoints/ (last.pt always points at the newest)")
     # logging
     wandb: str = _f("auto", "Weights & Biases mode; auto = online when credentials exist, else offline",
@@ -123,6 +131,9 @@ class TrainConfig:
     wandb_entity: str | None = _f(None, "W&B entity (team or user); default: the account's default")
     wandb_init_timeout: float = _f(30.0, "seconds W&B online may take to start before falling back to offline")
     run_name: str | None = _f(None, "run name shown in W&B (default: the name of the --out folder)")
+    log_level: str = _f("info", "messages of rank 0 at this level and above (to stderr, through Python's logging "
+                                "module: the logger is named dist_train)", LOG_LEVELS)
+    log_level_others: str = _f("warning", "the same for the other ranks (their lines name the rank)", LOG_LEVELS)
     log_every: int = _f(10, "log training metrics every N optimizer steps")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
     dist_timeout: float = _f(600.0, "seconds a collective may wait before the process group reports a hang")
@@ -134,7 +145,8 @@ class TrainConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, f.name)!r}")
         checks = [
             (self.out != "", "--out is required: the run folder for checkpoints and logs (e.g. --out runs/exp1)"),
             (self.img_size >= 8, f"--img-size must be >= 8 pixels, got {self.img_size}"),
@@ -161,8 +173,10 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.grad_clip >= 0.0, f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (self.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0 (0 = off), got {self.ckpt_every_steps}"),
-            (self.ckpt_every_minutes >= 0.0, f"--ckpt-every-minutes must be >= 0 (0 = off), got {self.ckpt_every_minutes}"),
-            (self.keep_last >= 1, f"--keep-last must be >= 1 (the newest checkpoint is what a restart resumes from), got {self.keep_last}"),
+            (self.ckpt_every_minutes >= 0.0,
+             f"--ckpt-every-minutes must be >= 0 (0 = off), got {self.ckpt_every_minutes}"),
+            (self.keep_last >= 1,
+             f"--keep-last must be >= 1 (the newest checkpoint is what a restart resumes from), got {self.keep_last}"),
             (self.wandb_init_timeout > 0.0, f"--wandb-init-timeout must be > 0 seconds, got {self.wandb_init_timeout}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.dist_timeout > 0.0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
@@ -271,7 +285,8 @@ def load_config_file(path: str | Path) -> dict:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
+        raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)}; "
+                         f"valid fields: {', '.join(sorted(known))}")
     return data
 
 

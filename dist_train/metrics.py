@@ -1,4 +1,10 @@
-"""Rank-0 logging: console, tqdm, ``metrics.jsonl``, W&B, PNG plots and ``results.json``.
+"""Logging: messages through the standard ``logging`` module, and rank 0's metrics to tqdm,
+``metrics.jsonl``, W&B, PNG plots and ``results.json``.
+
+Messages go to the ``dist_train`` logger, which ``setup_logging`` sends to stderr (through tqdm, so a
+progress bar is not broken): rank 0 at ``--log-level`` (default INFO), the other ranks at
+``--log-level-others`` (default WARNING, prefixed with their rank). Attach handlers or set levels on
+``logging.getLogger("dist_train")`` to filter or redirect them as with any other library.
 
 ``make_logger`` returns a ``RunLogger`` on rank 0 and a ``NullLogger`` (same methods, does nothing)
 elsewhere, so the training loop never asks which rank it is on. Callers pass metrics that are
@@ -14,6 +20,7 @@ every checkpoint, so a resumed run continues the same W&B run (``resume="allow"`
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
 import sys
@@ -29,6 +36,43 @@ from preprocess.shard_format import write_json_atomic
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
+
+log = logging.getLogger("dist_train")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes each record to stderr through ``tqdm.write``, which keeps an active progress bar intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class _Format(logging.Formatter):
+    """``[dist_train] message``; ``[dist_train rank R]`` on ranks other than 0; ``warning: `` and ``error: ``
+    before the message at those levels."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = "[dist_train]" if rank == 0 else f"[dist_train rank {rank}]"
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{self.prefix} {level}{record.getMessage()}"
+
+
+def setup_logging(rank: int, level: str = "info", others: str = "warning") -> None:
+    """Send the ``dist_train`` logger's messages to stderr: rank 0 at ``level``, other ranks at ``others``."""
+    for handler in [h for h in log.handlers if isinstance(h, _TqdmHandler)]:
+        log.removeHandler(handler)
+    handler = _TqdmHandler()
+    handler.setFormatter(_Format(rank))
+    log.addHandler(handler)
+    log.setLevel((level if rank == 0 else others).upper())
+    log.propagate = False
 
 
 def has_wandb_credentials() -> bool:
@@ -55,7 +99,8 @@ class NullLogger:
     run_id: str | None = None
 
     def info(self, msg: str) -> None:
-        """Print a line (rank 0 only)."""
+        """A message about logging itself (W&B start-up and failures), to the ``dist_train`` logger."""
+        log.info(msg)
 
     def log(self, metrics: dict, step: int) -> None:
         """Record metrics at a global step (rank 0 only)."""
@@ -120,14 +165,6 @@ class RunLogger(NullLogger):
                 self.info(f"W&B {attempt} failed to start ({type(e).__name__}: {e})")
         self.info("W&B logging disabled for this run")
         return None
-
-    def info(self, msg: str) -> None:
-        """Print a line without breaking the progress bar."""
-        line = f"[dist_train] {msg}"
-        if self._bar is not None:
-            self._bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
 
     def log(self, metrics: dict, step: int) -> None:
         """Append a row to metrics.jsonl and send it to W&B."""

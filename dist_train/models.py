@@ -19,9 +19,9 @@ from torchvision.models import ResNet18_Weights
 from torchvision.models.video import MC3_18_Weights, R2Plus1D_18_Weights, R3D_18_Weights
 from torchvision.models.video import resnet as video_resnet
 
-MODELS = ("cnn_rnn", "r3d_18", "mc3_18", "r2plus1d_18")
-RNNS = ("lstm", "gru")
-HEADS = ("last", "mean")
+from dist_train.config import HEADS, MODEL_NAMES, RNNS
+
+MODELS = MODEL_NAMES  # the choices are listed once, in config.py
 FEATURES = 512  # ResNet18's pooled feature width
 
 # name -> (block layout for VideoResNet, pretrained-weights enum value)

@@ -32,12 +32,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
+from dist_train.config import TRAIN_CROPS
 from dist_train.data.plan import mix_seed
 
 # Per-channel mean/std of the data each family's pretrained weights were trained on.
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 KINETICS_STATS = ((0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989))
-CROPS = ("random", "resized")  # ClipTransform.crop
+CROPS = TRAIN_CROPS  # ClipTransform.crop; the choices are listed once, in config.py
 MAX_FRAME_PIXELS = 1 << 24  # 16.8 M pixels (4096 x 4096) per frame; packed frames are far smaller
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC excluded)

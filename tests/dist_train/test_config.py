@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 
-from dist_train.config import MODEL_NAMES, TRAIN_CROPS, TrainConfig, build_parser, parse_config
+from dist_train.config import TrainConfig, build_parser, parse_config
 
 
 def test_defaults_are_valid_and_flags_override():
@@ -81,16 +81,6 @@ def test_help_documents_every_flag_with_default():
         assert flag in text, flag
     assert text.count("(default:") >= len(fields(TrainConfig))
     assert "--no-hflip" in text and "Exit status" in text
-
-
-def test_model_names_match_models_module():
-    models = pytest.importorskip("dist_train.models")
-    assert MODEL_NAMES == tuple(models.MODELS)
-
-
-def test_train_crops_match_data_module():
-    data = pytest.importorskip("dist_train.data")
-    assert TRAIN_CROPS == data.CROPS and TrainConfig(out="x").train_crop == data.ClipTransform(8, True).crop
 
 
 def test_optional_and_auto_fields_parse_from_flags_and_files(tmp_path):

@@ -57,8 +57,9 @@ def runs(shards, tmp_path_factory) -> dict:
     ref = tmp / "ref"
     check(run_trainer(base(shards, ref), nproc=2, timeout=300))
     out, legs = tmp / "run", []
-    for nproc, stop_at, extra in ((2, 4, ["--workers", "1"]), (1, 9, ["--workers", "2"]), (3, None, ["--workers", "1"])):
-        env = {"DIST_TRAIN_TEST_STOP_AT_STEP": str(stop_at)} if stop_at else {}
+    for nproc, stop_at, extra in ((2, 4, ["--workers", "1"]), (1, 9, ["--workers", "2"]),
+                                  (3, None, ["--workers", "1"])):
+        env = {"DIST_TRAIN_FAULT_INJECTION": "1", "DIST_TRAIN_TEST_STOP_AT_STEP": str(stop_at)} if stop_at else {}
         proc = run_trainer([*base(shards, out), *extra], nproc=nproc, timeout=400, env=env)
         legs.append({"nproc": nproc, "stop_at": stop_at, "proc": proc,
                      "status": json.loads((out / "status.json").read_text())})
@@ -125,11 +126,9 @@ def test_a_resume_that_would_change_the_global_batch_is_refused_naming_the_flag(
 
 
 def test_a_trace_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
-    from types import SimpleNamespace
-
-    from dist_train.train import SAMPLES_FILE, Trainer
+    from dist_train.trace import SAMPLES_FILE, trim
 
     lines = [json.dumps({"epoch": 0, "step": s, "rank": r, "keys": ["a"]}) for s in (1, 2, 3) for r in (0, 1)]
     (tmp_path / SAMPLES_FILE).write_text("\n".join(lines) + "\n" + lines[0][:17])  # torn mid-line by a SIGKILL
-    Trainer._trim_trace(SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=2)))  # resumed at step 2
+    trim(tmp_path, 2)  # resumed at step 2
     assert (tmp_path / SAMPLES_FILE).read_text().splitlines() == lines[:4]

@@ -1,11 +1,13 @@
-"""Rank-0 logger: W&B mode resolution and the offline fallback that never blocks without network."""
+"""Logging: rank-aware messages, W&B mode resolution and the offline fallback that never blocks without network."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
-from dist_train.metrics import NullLogger, RunLogger, resolve_wandb_mode
+from dist_train.config import parse_config
+from dist_train.metrics import NullLogger, RunLogger, resolve_wandb_mode, setup_logging
 from tests.dist_train.dt_helpers import wandb_run_contents
 
 
@@ -45,3 +47,29 @@ def test_null_logger_does_nothing(tmp_path):
     assert log.plot([], {}, []) == {} and log.run_id is None
     log.close(0)
     assert not list(tmp_path.iterdir())
+
+
+def test_messages_go_through_logging_rank_aware(capsys):
+    log = logging.getLogger("dist_train")
+    try:
+        setup_logging(rank=0)
+        log.info("epoch 1: loss 0.5")
+        log.warning("few clips")
+        setup_logging(rank=1)  # replaces the handler: one line per message
+        log.info("not shown on other ranks")
+        log.warning("shard x is slow")
+        setup_logging(rank=0, level="warning")
+        log.info("hidden at --log-level warning")
+        setup_logging(rank=3, others="info")
+        log.info("shown with --log-level-others info")
+    finally:
+        setup_logging(rank=0)
+    assert capsys.readouterr().err.splitlines() == [
+        "[dist_train] epoch 1: loss 0.5", "[dist_train] warning: few clips",
+        "[dist_train rank 1] warning: shard x is slow", "[dist_train rank 3] shown with --log-level-others info"]
+
+
+def test_log_level_flags():
+    cfg = parse_config(["--out", "x", "--log-level", "debug", "--log-level-others", "error"])
+    assert (cfg.log_level, cfg.log_level_others) == ("debug", "error")
+    assert parse_config(["--out", "x"]).log_level_others == "warning"
