@@ -50,7 +50,9 @@ def machine() -> dict:
 
 def command() -> str:
     """The command line that produced these figures."""
-    return shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]) if hasattr(sys, "orig_argv") else " ".join(sys.argv)
+    if hasattr(sys, "orig_argv"):
+        return shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]])
+    return " ".join(sys.argv)
 
 
 def check(name: str, ours: float, baseline: float, ratio: float, floor: float | None, unit: str,

@@ -29,185 +29,28 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from bench import WORK, check, result, write_result
+from bench import check, result, write_result
+from bench.gpu_timing import (
+    FRAMES,
+    SIZE,
+    Stepper,
+    build,
+    jpeg_decode,
+    loader_iter,
+    make_shards,
+    restore_tf32,
+    set_tf32,
+    tf32_state,
+    time_end_to_end,
+    time_synthetic,
+)
 
 NAME = "gpu"
-FRAMES, SIZE, CLASSES = 16, 112, 51
-
-
-def tf32_state() -> dict:
-    """PyTorch's TF32 switches as they are now."""
-    s = {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-         "cudnn.allow_tf32 (convolutions)": torch.backends.cudnn.allow_tf32,
-         "float32_matmul_precision": torch.get_float32_matmul_precision()}
-    for name, obj in (("cuda.matmul.fp32_precision", getattr(torch.backends.cuda.matmul, "fp32_precision", None)),
-                      ("cudnn.conv.fp32_precision", getattr(getattr(torch.backends.cudnn, "conv", None),
-                                                            "fp32_precision", None))):
-        if obj is not None:
-            s[name] = obj
-    return s
-
-
-def set_tf32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
-
-
-def build(variant: dict, device: torch.device) -> nn.Module:
-    from dist_train.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("cnn_rnn", CLASSES)
-    if variant.get("seed_loop"):
-        from bench.seed_model import seed_like
-
-        model = seed_like(model, dropout=0.0)
-    model = model.to(device)
-    if variant.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    return model
-
-
-class Stepper:
-    """One training step of ``model`` as dist_train.train does it."""
-
-    def __init__(self, model: nn.Module, variant: dict, device: torch.device):
-        self.model = torch.compile(model) if variant.get("compile") else model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-        self.crit = nn.CrossEntropyLoss(label_smoothing=0.1)
-        self.bf16 = variant.get("bf16", False)
-        self.device = device
-        self.params = list(model.parameters())
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with ctx:
-            logits = self.model(x)
-        loss = self.crit(logits.float(), y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_synthetic(step: Stepper, batch: int, steps: int, warmup: int, device: torch.device) -> float:
-    """clips/s on random normalized clips already on the device (several buffers, rotated)."""
-    g = torch.Generator(device=device).manual_seed(1)
-    xs = [torch.randn(batch, FRAMES, 3, SIZE, SIZE, device=device, generator=g) for _ in range(2)]
-    ys = [torch.randint(0, CLASSES, (batch,), device=device, generator=g) for _ in range(2)]
-    for i in range(warmup):
-        step(xs[i % 2], ys[i % 2])
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(xs[i % 2], ys[i % 2])
-    sync(device)
-    return batch * steps / (time.perf_counter() - t0)
-
-
-def time_end_to_end(step: Stepper | None, batches, spec, steps: int, warmup: int, device: torch.device) -> dict:
-    """clips/s reading batches from ``batches`` (a live loader iterator), as the trainer feeds its step.
-
-    ``warmup`` batches are consumed untimed first: make it larger than what the workers may have
-    prefetched (2 per worker), so the timing sees the loader's steady rate, not its buffer.
-    ``step=None`` times the loader alone (batches moved and normalized on the device, no model).
-    """
-    from dist_train import data as D
-
-    stats = D.normalization("cnn_rnn")
-    wait = 0.0
-
-    def one():
-        nonlocal wait
-        t = time.perf_counter()
-        b = next(batches)
-        wait += time.perf_counter() - t
-        video, labels, _, _ = D.materialize(b, spec, device)
-        x = D.to_model_input(video, "BTCHW", stats)
-        if step is not None:
-            step(x, labels)
-        return labels.shape[0]
-
-    for _ in range(warmup):
-        one()
-    sync(device)
-    wait = 0.0
-    t0 = time.perf_counter()
-    clips = sum(one() for _ in range(steps))
-    sync(device)
-    dt = time.perf_counter() - t0
-    return {"clips_per_s": clips / dt, "data_wait_frac": wait / dt}
-
-
-def make_shards(videos: int, workers: int) -> Path:
-    """HMDB-like videos packed with the defaults, made here (cached in bench/work)."""
-    from bench.videos import ensure_videos
-    from preprocess.shard import PackConfig, pack
-
-    out = WORK / f"gpu-shards-{videos}"
-    if not (out / "manifest.json").is_file():
-        src = ensure_videos(videos, workers=workers)
-        pack(PackConfig(str(src), str(out), workers=workers, progress=False, shard_size=50))
-    return out
-
-
-def loader_iter(shards: Path, batch: int, workers: int, decode: str, steps: int):
-    """Training batches of as many epochs as ``steps`` needs, one trainer loader per epoch."""
-    from dist_train import data as D
-    from preprocess.shard_format import load_manifest
-
-    m = load_manifest(shards)
-    plan = D.make_plan(m, D.resolve_layout(1, batch), workers, seed=0)
-    spec = D.SampleSpec(m.n_frames, m.num_classes, D.ClipTransform(SIZE, train=True), "skip", decode=decode)
-
-    def batches():
-        for epoch in range(-(-steps // plan.steps_per_epoch) + 1):
-            yield from D.train_loader(plan, spec, rank=0, epoch=epoch, pin=True)
-
-    return batches(), spec
-
-
-def jpeg_decode(shards: Path, device: torch.device, n: int = 2048) -> dict:
-    """frames/s of decode_jpegs on the CPU (one thread) and batched on the GPU, same frames."""
-    from dist_train.data import decode_jpegs, read_split
-    from preprocess.shard_format import frame_fields, load_manifest
-
-    m = load_manifest(shards)
-    frames = []
-    for sample in read_split(m, "train", limit=-(-n // m.n_frames)):
-        frames += [sample[f] for f in frame_fields(m.n_frames)]
-    frames = (frames * (n // max(1, len(frames)) + 1))[:n]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    decode_jpegs(frames[:64])
-    t0 = time.perf_counter()
-    decode_jpegs(frames)
-    cpu = n / (time.perf_counter() - t0)
-    torch.set_num_threads(threads)
-    out = {"frames": n, "cpu_1thread_fps": round(cpu, 1)}
-    if device.type == "cuda":
-        for bs in (512,):
-            decode_jpegs(frames[:bs], device)
-            sync(device)
-            t0 = time.perf_counter()
-            for i in range(0, n, bs):
-                decode_jpegs(frames[i:i + bs], device)
-            sync(device)
-            out[f"gpu_batch{bs}_fps"] = round(n / (time.perf_counter() - t0), 1)
-        out["gpu_vs_cpu_1thread"] = round(out["gpu_batch512_fps"] / cpu, 2)
-    return out
 
 
 VARIANTS = {
@@ -218,6 +61,109 @@ VARIANTS = {
     "bf16 + channels_last": {"bf16": True, "channels_last": True},
     "bf16 + channels_last + compile": {"bf16": True, "channels_last": True, "compile": True},
 }
+
+
+@dataclass
+class Timing:
+    """What every row is timed with, and the rows timed so far (name -> figures)."""
+
+    device: torch.device
+    batch: int
+    steps: int
+    warmup: int
+    e2e_steps: int
+    drain: int
+    tf32_default: dict
+    t_start: float
+    partial: str | None
+    dec: dict
+    rows: dict[str, dict] = field(default_factory=dict)
+
+    def measure(self, name: str, v: dict, batches, spec, synthetic: bool = True) -> None:
+        """Time variant ``v`` on synthetic data and end to end from ``batches``; print and record its row."""
+        rows = self.rows
+        set_tf32(not v.get("no_tf32"))
+        if not v.get("no_tf32"):  # restore PyTorch's own defaults, whatever they are
+            restore_tf32(self.tf32_default)
+        model = build(v, self.device)
+        step = Stepper(model, v, self.device)
+        t0 = time.perf_counter()
+        w = self.warmup + (4 if v.get("compile") else 0)
+        syn = time_synthetic(step, self.batch, self.steps if synthetic else 2, w, self.device)
+        e2e = time_end_to_end(step, batches, spec, self.e2e_steps, self.drain, self.device)
+        rows[name] = {"synthetic": float(f"{syn:.4g}"), "end_to_end": float(f"{e2e['clips_per_s']:.4g}"),
+                      "data_wait_frac": round(e2e["data_wait_frac"], 3), "seconds": round(time.perf_counter() - t0, 1)}
+        if not synthetic:
+            rows[name]["synthetic"] = rows[name.split(" (")[0]]["synthetic"]
+        print(f"gpu bench: {name:44s} synthetic {rows[name]['synthetic']:8.1f} clips/s   end-to-end "
+              f"{e2e['clips_per_s']:8.1f} clips/s (waiting for data {100 * e2e['data_wait_frac']:.0f}%)  "
+              f"[{rows[name]['seconds']} s, {time.perf_counter() - self.t_start:.0f} s total]", flush=True)
+        if self.partial:
+            Path(self.partial).write_text(json.dumps({"rows": rows, "jpeg_decode": self.dec,
+                                                      "tf32": self.tf32_default}, indent=1))
+
+
+def _variants(quick: bool, no_compile: bool) -> dict[str, dict]:
+    """The rows to time: all of VARIANTS, less compile under ``no_compile``, two rows under ``quick``."""
+    variants = {k: v for k, v in VARIANTS.items() if not (no_compile and v.get("compile"))}
+    if quick:
+        variants = {k: v for k, v in variants.items() if k in ("fp32 seed loop", "bf16 + channels_last")}
+    return variants
+
+
+def _loader_only(timing: Timing, shards: Path, workers: int) -> dict[str, float]:
+    """The loader alone (no model): its steady clips/s with these workers is the end-to-end ceiling."""
+    e2e_steps, drain = timing.e2e_steps, timing.drain
+    lb, lspec = loader_iter(shards, timing.batch, workers, "cpu", 2 * (e2e_steps + drain))
+    lo = time_end_to_end(None, lb, lspec, e2e_steps, drain, timing.device)
+    loader_rows = {"loader only, dist_train.data (CPU decode)": round(lo["clips_per_s"], 1)}
+    del lb
+    for k, r in loader_rows.items():
+        print(f"gpu bench: {k:44s} {r:8.1f} clips/s ({workers} workers)", flush=True)
+    return loader_rows
+
+
+def _time_rows(timing: Timing, variants: dict[str, dict], shards: Path, workers: int,
+               compile_deadline: float) -> dict[str, float]:
+    """Every row into ``timing.rows``, compiled rows last; returns the loader-only figures."""
+    e2e_steps, drain = timing.e2e_steps, timing.drain
+    batches, spec = loader_iter(shards, timing.batch, workers, "cpu",
+                                (e2e_steps + drain + timing.warmup) * (len(variants) + 1))
+    for name, v in variants.items():
+        if v.get("compile"):
+            continue  # last: its compile time is the least predictable
+        timing.measure(name, v, batches, spec)
+    loader_rows = _loader_only(timing, shards, workers)
+    if timing.device.type == "cuda" and "bf16 + channels_last" in variants:
+        # --decode gpu: workers only read tars, nvjpeg decodes each whole batch in the training process.
+        gb, gspec = loader_iter(shards, timing.batch, max(2, workers // 2), "gpu", 2 * (e2e_steps + drain))
+        timing.measure("bf16 + channels_last (decode gpu)", variants["bf16 + channels_last"], gb, gspec,
+                       synthetic=False)
+        del gb
+    for name, v in variants.items():
+        if v.get("compile"):
+            if time.perf_counter() - timing.t_start > compile_deadline:
+                print(f"gpu bench: {name}: skipped, {compile_deadline} s already spent", flush=True)
+                continue
+            timing.measure(name, v, batches, spec)
+    del batches
+    restore_tf32(timing.tf32_default)
+    return loader_rows
+
+
+def _checks(rows: dict[str, dict], batch: int) -> list[dict]:
+    """The two floors, for the best end-to-end row other than the seed loop."""
+    best_e2e_name = max((k for k in rows if k != "fp32 seed loop"),
+                        key=lambda k: rows[k]["end_to_end"])
+    best = rows[best_e2e_name]
+    seed = rows["fp32 seed loop"]
+    return [
+        check("gpu_best_end_to_end_vs_synthetic", best["end_to_end"], best["synthetic"],
+              round(best["end_to_end"] / best["synthetic"], 3), 0.9, "clips/s", note=best_e2e_name),
+        check("gpu_best_end_to_end_vs_fp32_seed_loop", best["end_to_end"], seed["synthetic"],
+              round(best["end_to_end"] / seed["synthetic"], 3), 4.0, "clips/s",
+              note=f"{best_e2e_name} end-to-end vs the seed loop on synthetic data, batch {batch}"),
+    ]
 
 
 def run(quick: bool = False, batch: int = 32, steps: int = 30, warmup: int = 8, workers: int | None = None,
@@ -242,71 +188,13 @@ def run(quick: bool = False, batch: int = 32, steps: int = 30, warmup: int = 8, 
     dec = jpeg_decode(shards, device)
     print(f"gpu bench: JPEG decode {dec}", flush=True)
 
-    variants = {k: v for k, v in VARIANTS.items() if not (no_compile and v.get("compile"))}
-    if quick:
-        variants = {k: v for k, v in variants.items() if k in ("fp32 seed loop", "bf16 + channels_last")}
+    variants = _variants(quick, no_compile)
     e2e_steps, drain = (steps if allow_cpu else max(steps, 60)), 2 * workers + 4
-    batches, spec = loader_iter(shards, batch, workers, "cpu", (e2e_steps + drain + warmup) * (len(variants) + 1))
-    rows: dict[str, dict] = {}
+    timing = Timing(device, batch, steps, warmup, e2e_steps, drain, tf32_default, t_start, partial, dec)
+    loader_rows = _time_rows(timing, variants, shards, workers, compile_deadline)
+    rows = timing.rows
 
-    def measure(name: str, v: dict, batches, spec, synthetic: bool = True) -> None:
-        set_tf32(not v.get("no_tf32"))
-        if not v.get("no_tf32"):  # restore PyTorch's own defaults, whatever they are
-            torch.backends.cudnn.allow_tf32 = tf32_default["cudnn.allow_tf32 (convolutions)"]
-            torch.backends.cuda.matmul.allow_tf32 = tf32_default["cuda.matmul.allow_tf32"]
-        model = build(v, device)
-        step = Stepper(model, v, device)
-        t0 = time.perf_counter()
-        w = warmup + (4 if v.get("compile") else 0)
-        syn = time_synthetic(step, batch, steps if synthetic else 2, w, device)
-        e2e = time_end_to_end(step, batches, spec, e2e_steps, drain, device)
-        rows[name] = {"synthetic": float(f"{syn:.4g}"), "end_to_end": float(f"{e2e['clips_per_s']:.4g}"),
-                      "data_wait_frac": round(e2e["data_wait_frac"], 3), "seconds": round(time.perf_counter() - t0, 1)}
-        if not synthetic:
-            rows[name]["synthetic"] = rows[name.split(" (")[0]]["synthetic"]
-        print(f"gpu bench: {name:44s} synthetic {rows[name]['synthetic']:8.1f} clips/s   end-to-end "
-              f"{e2e['clips_per_s']:8.1f} clips/s (waiting for data {100 * e2e['data_wait_frac']:.0f}%)  "
-              f"[{rows[name]['seconds']} s, {time.perf_counter() - t_start:.0f} s total]", flush=True)
-        if partial:
-            Path(partial).write_text(json.dumps({"rows": rows, "jpeg_decode": dec, "tf32": tf32_default}, indent=1))
-
-    for name, v in variants.items():
-        if v.get("compile"):
-            continue  # last: its compile time is the least predictable
-        measure(name, v, batches, spec)
-    # The loader alone (no model): its steady clips/s with these workers is the end-to-end ceiling.
-    lb, lspec = loader_iter(shards, batch, workers, "cpu", 2 * (e2e_steps + drain))
-    lo = time_end_to_end(None, lb, lspec, e2e_steps, drain, device)
-    loader_rows = {"loader only, dist_train.data (CPU decode)": round(lo["clips_per_s"], 1)}
-    del lb
-    for k, r in loader_rows.items():
-        print(f"gpu bench: {k:44s} {r:8.1f} clips/s ({workers} workers)", flush=True)
-    if device.type == "cuda" and "bf16 + channels_last" in variants:
-        # --decode gpu: workers only read tars, nvjpeg decodes each whole batch in the training process.
-        gb, gspec = loader_iter(shards, batch, max(2, workers // 2), "gpu", 2 * (e2e_steps + drain))
-        measure("bf16 + channels_last (decode gpu)", variants["bf16 + channels_last"], gb, gspec, synthetic=False)
-        del gb
-    for name, v in variants.items():
-        if v.get("compile"):
-            if time.perf_counter() - t_start > compile_deadline:
-                print(f"gpu bench: {name}: skipped, {compile_deadline} s already spent", flush=True)
-                continue
-            measure(name, v, batches, spec)
-    del batches
-    torch.backends.cudnn.allow_tf32 = tf32_default["cudnn.allow_tf32 (convolutions)"]
-    torch.backends.cuda.matmul.allow_tf32 = tf32_default["cuda.matmul.allow_tf32"]
-
-    best_e2e_name = max((k for k in rows if k != "fp32 seed loop"),
-                        key=lambda k: rows[k]["end_to_end"])
-    best = rows[best_e2e_name]
-    seed = rows["fp32 seed loop"]
-    checks = [
-        check("gpu_best_end_to_end_vs_synthetic", best["end_to_end"], best["synthetic"],
-              round(best["end_to_end"] / best["synthetic"], 3), 0.9, "clips/s", note=best_e2e_name),
-        check("gpu_best_end_to_end_vs_fp32_seed_loop", best["end_to_end"], seed["synthetic"],
-              round(best["end_to_end"] / seed["synthetic"], 3), 4.0, "clips/s",
-              note=f"{best_e2e_name} end-to-end vs the seed loop on synthetic data, batch {batch}"),
-    ]
+    checks = _checks(rows, batch)
     inputs = {"device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
               "model": "cnn_rnn: ResNet18 + LSTM(256), 51 classes", "clip": [FRAMES, 3, SIZE, SIZE],

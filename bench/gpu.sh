@@ -17,11 +17,13 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "Run it on a machine with one NVIDIA GPU; the CPU benchmarks are: python -m bench" >&2
     exit 3
 fi
-missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("webdataset", "cv2", "sklearn", "torchvision") if u.find_spec(m) is None))')
+missing=$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("webdataset", "cv2", "sklearn", "torchvision") if u.find_spec(m) is None))')
 if [ -n "$missing" ]; then
     echo "bench/gpu.sh: $PY lacks: $missing (pip install -e . installs them)" >&2
     exit 3
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv 2>/dev/null || true
 exec timeout "${BENCH_GPU_TIMEOUT:-470}" "$PY" -m bench.gpu "$@"

@@ -9,7 +9,8 @@ that a CPU run takes seconds; the crop size is a constant, not what grows) on ea
 
 Memory is the peak, over the run, of the summed RSS of the process and all its descendants (pool
 workers, DataLoader workers), polled from /proc every 20 ms; the largest single process's peak (``VmHWM``) is
-reported beside it. (``ru_maxrss`` is not used: a forked child inherits its parent's high-water mark.) Floor: peak(10N) <= 1.10 x peak(N).
+reported beside it. (``ru_maxrss`` is not used: a forked child inherits its parent's high-water mark.)
+Floor: peak(10N) <= 1.10 x peak(N).
 """
 
 from __future__ import annotations

@@ -186,33 +186,34 @@ def _chunk_folders(inp: Path, size: int) -> list[Path]:
     return chunks
 
 
-def run(quick: bool = False, videos: int | None = None, repeats: int | None = None) -> dict:
-    """Time seed packing, ours with 1 and 2 workers, the kept-frames bound and the decode-only floor on the same videos."""
-    count = videos or (60 if quick else 300)
-    repeats = repeats or (1 if quick else 3)
-    inp = _input_folder(count)
-    outs = WORK / "pack-out"
-    chunks = _chunk_folders(inp, 30)
+def _run_paired(chunks: list[Path], repeats: int, out: Path) -> dict:
+    """The one-worker sides, paired over the chunk folders, in one child process; prints ms/video of each."""
     # Two rounds at least: each side's first run of a folder also pays its warm-up.
     paired = run_child("bench.pack", {"method": "paired", "chunks": [str(c) for c in chunks],
-                                      "rounds": max(2, repeats), "out": str(outs / "paired")})
-    ms = paired["ms_per_video"]
-    for k, v in ms.items():
+                                      "rounds": max(2, repeats), "out": str(out)})
+    for k, v in paired["ms_per_video"].items():
         print(f"  pack paired {k:16s} {v:7.2f} ms/video  ({1e3 / v:6.1f} videos/s)", file=sys.stderr, flush=True)
+    return paired
+
+
+def _whole_runs(inp: Path, count: int, repeats: int, out: Path) -> dict[str, list[dict]]:
+    """Ours with 1 and 2 workers over all the videos, each run in a fresh child process, ``repeats`` rounds."""
     runs: dict[str, list[dict]] = {"ours_w1": [], "ours_w2": []}
     for r in range(repeats):
         for k in runs:
             res = run_child("bench.pack", {"method": "ours", "workers": int(k[-1]), "input": str(inp),
-                                           "out": str(outs / "ours")})
+                                           "out": str(out)})
             runs[k].append(res)
             print(f"  pack [{r + 1}/{repeats}] {k:8s} {res['wall']:7.2f} s wall  {res['cpu']:7.2f} s cpu  "
                   f"{count / res['wall']:6.1f} videos/s", file=sys.stderr, flush=True)
-    shutil.rmtree(outs, ignore_errors=True)
+    return runs
 
-    whole = {k: count / min(x["wall"] for x in v) for k, v in runs.items()}  # videos/s, best whole run
+
+def _checks(ms: dict[str, float], whole: dict[str, float]) -> list[dict]:
+    """The floors and the figures reported beside them, from the paired ms/video and the whole-run videos/s."""
     vps = {k: 1e3 / v for k, v in ms.items()}
     floor_key = min(("decode_t1", "decode_tdefault"), key=lambda k: ms[k])
-    checks = [
+    return [
         check("pack_vs_seed_1worker", round(vps["ours_w1"], 2), round(vps["seed"], 2),
               round(vps["ours_w1"] / vps["seed"], 3), 1.5, "videos/s", note="paired over folders of 30 videos"),
         check("pack_parallel_efficiency_1to2", round(whole["ours_w2"], 2), round(2 * whole["ours_w1"], 2),
@@ -233,15 +234,23 @@ def run(quick: bool = False, videos: int | None = None, repeats: int | None = No
               round(vps["kept_frames"] / vps["seed"], 3), None, "videos/s",
               note="the best vs-seed ratio that our per-frame work allows here"),
     ]
+
+
+def _inputs(inp: Path, repeats: int) -> dict:
+    """What was measured and how (the result's ``inputs``)."""
     from bench.videos import describe
 
+    return {"videos": describe(inp), "repeats": repeats,
+            "statistic": "one-worker sides: sum over folders of 30 videos of the best of K paired runs; "
+                         "parallel efficiency: best of K whole runs",
+            "ours_args": "PackConfig defaults: 16 frames, short side 128, JPEG q90, shard size 100",
+            "seed_output": "16 full-size JPEG files per video, cv2.imwrite default quality 95"}
+
+
+def _extra(ms: dict[str, float], whole: dict[str, float], paired: dict, runs: dict[str, list[dict]]) -> dict:
+    """Wall and CPU figures of every side, and the raw measurements (the result's ``extra``)."""
     cpu = paired["cpu_ms_per_video_mean"]
-    inputs = {"videos": describe(inp), "repeats": repeats,
-              "statistic": "one-worker sides: sum over folders of 30 videos of the best of K paired runs; "
-                           "parallel efficiency: best of K whole runs",
-              "ours_args": "PackConfig defaults: 16 frames, short side 128, JPEG q90, shard size 100",
-              "seed_output": "16 full-size JPEG files per video, cv2.imwrite default quality 95"}
-    extra = {
+    return {
         "wall_ms_per_video": {**{k: round(v, 2) for k, v in ms.items()},
                               **{f"{k}_whole_run": round(1e3 / v, 2) for k, v in whole.items()}},
         "cpu_ms_per_video_mean": {k: round(v, 2) for k, v in cpu.items()},
@@ -251,22 +260,41 @@ def run(quick: bool = False, videos: int | None = None, repeats: int | None = No
         "paired": paired,
         "runs": runs,
     }
-    return result(NAME, checks, inputs, extra)
+
+
+def run(quick: bool = False, videos: int | None = None, repeats: int | None = None) -> dict:
+    """Time seed packing, ours with 1 and 2 workers, the kept-frames bound and the decode-only floor on the
+    same videos."""
+    count = videos or (60 if quick else 300)
+    repeats = repeats or (1 if quick else 3)
+    inp = _input_folder(count)
+    outs = WORK / "pack-out"
+    paired = _run_paired(_chunk_folders(inp, 30), repeats, outs / "paired")
+    runs = _whole_runs(inp, count, repeats, outs / "ours")
+    shutil.rmtree(outs, ignore_errors=True)
+
+    ms = paired["ms_per_video"]
+    whole = {k: count / min(x["wall"] for x in v) for k, v in runs.items()}  # videos/s, best whole run
+    return result(NAME, _checks(ms, whole), _inputs(inp, repeats), _extra(ms, whole, paired, runs))
 
 
 def profile(count: int = 60) -> None:
-    """cProfile of ours with one worker, in this process; prints the top functions by own time."""
+    """cProfile of the per-video work of ours (what a packing worker process runs), in this process; prints
+    the top functions by own time. (``pack`` itself hands every video to a worker process.)"""
     inp = _input_folder(count)
-    import sklearn.model_selection  # noqa: F401
+    from preprocess import shard
+    from preprocess.inputs import scan
 
-    from preprocess.shard import PackConfig, pack
-
+    cfg = shard.PackConfig(str(inp), str(WORK / "pack-out" / "profile"), workers=1, progress=False)
+    _, items, _ = scan(inp)
+    shard._init_worker(str(inp))
     pr = cProfile.Profile()
     pr.enable()
-    pack(PackConfig(str(inp), str(WORK / "pack-out" / "profile"), workers=1, progress=False))
+    for item in items:
+        shard.encode_item(item, cfg.frames, cfg.short_side, cfg.quality, cfg.min_frames, cfg.max_pixels,
+                          cfg.max_frames)
     pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(15)
-    shutil.rmtree(WORK / "pack-out" / "profile", ignore_errors=True)
 
 
 def main(argv=None) -> int:

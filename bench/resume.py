@@ -37,8 +37,8 @@ def _train(shards: Path, out: Path, stop_at: int, resume: Path | None = None) ->
     cmd = [sys.executable, "-m", "dist_train", "--shards", str(shards), "--out", str(out), *FLAGS]
     if resume is not None:
         cmd += ["--resume", str(resume)]
-    env = {"DIST_TRAIN_TEST_STOP_AT_STEP": str(stop_at), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "WANDB_MODE": "disabled", "PATH": str(Path(sys.executable).parent)}
+    env = {"DIST_TRAIN_FAULT_INJECTION": "1", "DIST_TRAIN_TEST_STOP_AT_STEP": str(stop_at), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PATH": str(Path(sys.executable).parent)}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - t0

@@ -4,10 +4,13 @@ Run folder::
 
     OUT/checkpoints/step-00001234.pt   the newest ``--keep-last`` step checkpoints
     OUT/last.pt                        the newest of them (hard link, or a copy where links fail)
-    OUT/best.pt                        the model with the best validation top-1 so far
+    OUT/best.pt                        the model with the best validation top-1 so far (written before
+                                       the last.pt of the same step, so last.pt never names a best.pt
+                                       that is not there; its state names its run, epoch and step)
 
-Every file is written as ``NAME.tmp`` and renamed with ``os.replace``, so a kill at any moment leaves
-the previous file intact; leftover ``*.tmp`` files are deleted by ``clean_tmp`` when a run starts.
+Every file is written as ``NAME.<host>-<pid>.tmp`` and renamed with ``os.replace``, so a kill at any moment
+leaves the previous file intact; leftover ``*.tmp`` files are deleted by ``clean_tmp`` when a run starts
+(holding the run folder's lock, see ``dist_train.run_folder``).
 Rank 0 writes, then all ranks meet at a barrier.
 
 A checkpoint is a dict of tensors and plain Python values (loadable with ``weights_only=True``):
@@ -21,16 +24,19 @@ set, see ``dist_train.data.plan``), ``rng`` (per-rank RNG states), ``state`` (th
 ``packing`` (frames, short_side, quality, min_frames of the shards: how predict prepares raw videos),
 ``world_size``, ``wandb_run_id``, ``kind`` (``"last"`` or ``"best"``) and ``time``.
 
-Test hook: ``DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME=SECONDS`` makes rank 0 print
+Test hook (with ``DIST_TRAIN_FAULT_INJECTION=1``, see ``dist_train.faults``):
+``DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME=SECONDS`` makes rank 0 print
 ``checkpoint-tmp-written PATH`` to stderr and sleep that long between writing a temp file and renaming
 it, so a test can kill the run in the middle of a checkpoint write.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -39,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dist_train import faults
+
 FORMAT_VERSION = 2  # 2: the global data order (``data`` is a global position, the config has global_batch)
 TMP_SUFFIX = ".tmp"
 STEP_DIR = "checkpoints"
@@ -46,6 +54,8 @@ LAST, BEST = "last.pt", "best.pt"
 # Config fields that change the model's parameters: a checkpoint must agree on all of them.
 MODEL_FIELDS = ("model", "rnn", "hidden_size", "rnn_layers", "bidirectional", "head")
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "config", "classes")
+
+log = logging.getLogger("dist_train")
 
 
 class CheckpointMismatch(ValueError):
@@ -81,17 +91,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def _pause_hook(tmp: Path) -> None:
-    delay = float(os.environ.get("DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME", "0") or 0)
+    delay = float(faults.fault_hook("DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME") or 0)
     if delay > 0:
         print(f"checkpoint-tmp-written {tmp}", file=sys.stderr, flush=True)
         time.sleep(delay)
 
 
+def _tmp_name(path: Path) -> Path:
+    """``NAME.<host>-<pid>.tmp``: unique per writer, so two writers never write into one temp file."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{TMP_SUFFIX}")
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path.tmp``, fsync, then rename over ``path``."""
+    """``torch.save`` to a temp file of this writer, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -101,7 +116,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp = _tmp_name(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -116,10 +131,18 @@ def step_path(out: Path, step: int) -> Path:
     return Path(out) / STEP_DIR / f"step-{step:08d}.pt"
 
 
-def save_last(state: dict, out: Path, keep_last: int) -> Path:
-    """Write the step checkpoint, point last.pt at it and prune old ones (call on rank 0 only)."""
+def save_last(state: dict, out: Path, keep_last: int, best: bool = False) -> Path:
+    """Write the step checkpoint, then best.pt when ``best``, then point last.pt at the step checkpoint and
+    prune old ones (call on rank 0 only).
+
+    In this order a kill at any moment leaves a consistent folder: a resume takes the newest step
+    checkpoint, and the best.pt it names is either there or is that checkpoint itself (``adopt_best``
+    writes it again from it).
+    """
     path = step_path(out, state["step"])
     atomic_save({**state, "kind": "last"}, path)
+    if best:
+        save_best(state, out)
     _link_atomic(path, Path(out) / LAST)
     for old in sorted((Path(out) / STEP_DIR).glob("step-*.pt"))[:-keep_last]:
         old.unlink(missing_ok=True)
@@ -133,15 +156,34 @@ def save_best(state: dict, out: Path) -> Path:
     return path
 
 
+def best_matches(best: dict, ckpt: dict) -> bool:
+    """Whether ``best`` is the best.pt that ``ckpt``'s state names: the same run, best epoch and step."""
+    ours, theirs = best.get("state", {}), ckpt.get("state", {})
+    return (ours.get("run_id") == theirs.get("run_id") and ours.get("best_epoch") == theirs.get("best_epoch")
+            and best.get("step") == theirs.get("best_step", best.get("step")))
+
+
 def adopt_best(source: Path, ckpt: dict, out: Path) -> bool:
     """Make sure ``out`` has the best.pt that ``ckpt`` (loaded from ``source``) refers to (rank 0 only).
 
-    Resuming from a checkpoint of another run folder (``--resume PATH``) leaves ``out`` without the
-    model the restored best-so-far state points at; that run's best.pt is linked in when its selection
-    state matches. False when ``out`` has no best.pt and none fits: model selection must start over.
+    A best.pt in ``out`` that is not the one ``ckpt`` names (another run's, or one written after
+    ``ckpt`` by a run killed before its next last.pt) is moved aside to ``best-unmatched-<time>.pt``,
+    never used. Resuming from a checkpoint of another run folder (``--resume PATH``) links that
+    folder's best.pt in when it is the one named. False when none fits: model selection starts over.
     """
     dst = Path(out) / BEST
     if dst.is_file():
+        try:
+            if best_matches(load_checkpoint(dst), ckpt):
+                return True
+        except (OSError, ValueError):
+            pass
+        aside = dst.with_name(f"best-unmatched-{time.strftime('%Y%m%d-%H%M%S')}.pt")
+        os.replace(dst, aside)
+        log.warning(f"{dst} is not the best.pt the checkpoint {source} names (run, epoch "
+                    f"{ckpt.get('state', {}).get('best_epoch')}): moved to {aside}")
+    if ckpt.get("state", {}).get("best_step") == ckpt.get("step"):  # the checkpoint is the best model itself
+        save_best({k: v for k, v in ckpt.items() if k != "kind"}, out)
         return True
     source = Path(source)
     src = (source.parent.parent if source.parent.name == STEP_DIR else source.parent) / BEST
@@ -149,7 +191,7 @@ def adopt_best(source: Path, ckpt: dict, out: Path) -> bool:
         best = load_checkpoint(src)
     except (OSError, ValueError):
         return False
-    if best.get("state", {}).get("best_epoch") != ckpt.get("state", {}).get("best_epoch"):
+    if not best_matches(best, ckpt):
         return False
     _link_atomic(src, dst)
     return True
@@ -158,7 +200,7 @@ def adopt_best(source: Path, ckpt: dict, out: Path) -> bool:
 def clean_tmp(out: Path) -> list[Path]:
     """Delete incomplete ``*.tmp`` checkpoint files left by a killed run; returns what was removed."""
     out = Path(out)
-    found = [p for d in (out, out / STEP_DIR) if d.is_dir() for p in d.glob(f"*.pt{TMP_SUFFIX}")]
+    found = [p for d in (out, out / STEP_DIR) if d.is_dir() for p in d.glob(f"*.pt*{TMP_SUFFIX}")]
     for p in found:
         p.unlink(missing_ok=True)
     return found
@@ -219,9 +261,11 @@ def check_compatible(ckpt: dict, config: dict, classes: list[str], model: torch.
     theirs_sd = ckpt["model"]
     missing, unexpected = sorted(set(own) - set(theirs_sd)), sorted(set(theirs_sd) - set(own))
     if missing:
-        diffs.append(f"parameters missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        more = " ..." if len(missing) > 5 else ""
+        diffs.append(f"parameters missing from the checkpoint: {', '.join(missing[:5])}{more}")
     if unexpected:
-        diffs.append(f"parameters this model lacks: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        more = " ..." if len(unexpected) > 5 else ""
+        diffs.append(f"parameters this model lacks: {', '.join(unexpected[:5])}{more}")
     shapes = [f"{k} {tuple(theirs_sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in theirs_sd and tuple(theirs_sd[k].shape) != tuple(v.shape)]
     if shapes:
@@ -229,7 +273,8 @@ def check_compatible(ckpt: dict, config: dict, classes: list[str], model: torch.
     if diffs:
         raise CheckpointMismatch(
             f"checkpoint {source} does not fit this run:\n  " + "\n  ".join(diffs)
-            + "\nUse a matching --model/--hidden-size/... and shard folder, or a new --out (or --resume never --overwrite)."
+            + "\nUse a matching --model/--hidden-size/... and shard folder, or a new --out"
+            " (or --resume never --overwrite)."
         )
 
 

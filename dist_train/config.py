@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -23,6 +25,32 @@ TRAIN_CROPS = ("random", "resized")  # data.ClipTransform's crops
 RNNS = ("lstm", "gru")  # cnn_rnn's recurrent layer
 HEADS = ("last", "mean")  # what cnn_rnn classifies
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# Largest accepted value of each field that has one: past these a value can only be a mistake (a digit
+# too many, pixels for frames, seconds for minutes), and such a value would otherwise surface late, as an
+# out-of-memory error, an overflow or a run that never ends. Each is far beyond what HMDB51/Kinetics runs use.
+LIMITS: dict[str, tuple[int | float, str]] = {
+    "img_size": (1024, "pixels; video models train on 112-320 pixel clips"),
+    "workers": (256, "more loader processes per training process than any node has cores"),
+    "shuffle_window": (1_000_000, "shards; more than any shard set holds"),
+    "test_every": (100_000, "epochs, the most --epochs takes"),
+    "hidden_size": (16_384, "the RNN's weights grow with its square: 16384 is over 10^9 parameters"),
+    "rnn_layers": (64, "stacked RNN layers; video models use 1-4"),
+    "epochs": (100_000, "training epochs"),
+    "global_batch": (1_048_576, "clips per step; more than the clips of any video data set"),
+    "batch_size": (65_536, "clips per process per micro-batch; far beyond any accelerator's memory"),
+    "accum_steps": (65_536, "micro-batches per optimizer step"),
+    "warmup_epochs": (100_000, "epochs, the most --epochs takes"),
+    "plateau_patience": (100_000, "epochs, the most --epochs takes"),
+    "seed": (2**32 - 1, "torch takes 64-bit seeds and each rank seeds with seed * 1000 + rank"),
+    "wandb_init_timeout": (86_400, "seconds (a day)"),
+    "data_timeout": (604_800, "seconds (a week); 0 waits forever"),
+    "stop_timeout": (86_400, "seconds (a day)"),
+    "dist_timeout": (604_800, "seconds (a week): longer than any job's time limit"),
+}
+# Fields where a huge value has a plain meaning and is left alone: --log-every, --ckpt-every-steps and
+# --ckpt-every-minutes (never, but at epoch ends), --keep-last (keep all).
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, parse=None) -> Any:
@@ -136,6 +164,10 @@ class TrainConfig:
     log_level_others: str = _f("warning", "the same for the other ranks (their lines name the rank)", LOG_LEVELS)
     log_every: int = _f(10, "log training metrics every N optimizer steps")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
+    data_timeout: float = _f(600.0, "seconds to wait for one batch from the loader workers before failing with the "
+                                    "shards of that batch named (0 = wait forever)")
+    stop_timeout: float = _f(30.0, "after a stop signal, seconds to wait for the next batch before exiting at once "
+                                   "without a new checkpoint (the data is stuck); a second signal exits at once")
     dist_timeout: float = _f(600.0, "seconds a collective may wait before the process group reports a hang")
 
     def __post_init__(self) -> None:
@@ -143,10 +175,7 @@ class TrainConfig:
             self.pretrained = None
         self.workers = _workers(self.workers)
         for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, f.name)!r}")
+            _check_field(self, f)
         checks = [
             (self.out != "", "--out is required: the run folder for checkpoints and logs (e.g. --out runs/exp1)"),
             (self.img_size >= 8, f"--img-size must be >= 8 pixels, got {self.img_size}"),
@@ -179,13 +208,24 @@ class TrainConfig:
              f"--keep-last must be >= 1 (the newest checkpoint is what a restart resumes from), got {self.keep_last}"),
             (self.wandb_init_timeout > 0.0, f"--wandb-init-timeout must be > 0 seconds, got {self.wandb_init_timeout}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.data_timeout >= 0.0, f"--data-timeout must be >= 0 seconds (0 = none), got {self.data_timeout}"),
+            (self.stop_timeout > 0.0, f"--stop-timeout must be > 0 seconds, got {self.stop_timeout}"),
             (self.dist_timeout > 0.0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (self.seed >= -LIMITS["seed"][0], f"--seed must be at least {-LIMITS['seed'][0]:,}, got {self.seed:,}"),
             (self.model == "cnn_rnn" or self.pretrained != "imagenet",
              f"--pretrained imagenet is for cnn_rnn's ResNet18; {self.model} takes --pretrained kinetics or a path"),
             (self.model != "cnn_rnn" or self.pretrained != "kinetics",
              "--pretrained kinetics is for the 3D CNNs; cnn_rnn takes --pretrained imagenet or a path"),
             (not (self.freeze_trunk and self.trunk_lr_scale != 1.0),
              "--freeze-trunk and --trunk-lr-scale contradict each other: a frozen trunk has no learning rate"),
+            (not self.freeze_trunk or self.pretrained is not None,
+             "--freeze-trunk without --pretrained would train only the head on a randomly initialised trunk: "
+             "pass --pretrained (imagenet for cnn_rnn, kinetics for the 3D CNNs, or a weights file) or drop "
+             "--freeze-trunk"),
+            (not self.overwrite or self.resume == "never",
+             f"--overwrite only applies with --resume never: pass --resume never --overwrite to start over in a "
+             f"run folder that holds checkpoints, or drop --overwrite (--no-overwrite) to use --resume "
+             f"{self.resume}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -198,6 +238,31 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _check_field(cfg: TrainConfig, f) -> None:
+    """One field's type, choice, finiteness and upper bound (``LIMITS``); ValueError naming its flag."""
+    value, flag = getattr(cfg, f.name), f"--{_flag(f.name)}"
+    kind, optional = _parse_from(f)
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"{flag} must be given a value, got null/None")
+    if kind is float and type(value) is int:
+        value = float(value)
+        setattr(cfg, f.name, value)
+    if isinstance(kind, type) and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+        raise ValueError(f"{flag} must be {kind.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+    limit = LIMITS.get(f.name)
+    if limit and isinstance(value, (int, float)) and not isinstance(value, bool):
+        most, why = limit
+        if value > most:  # the lower bounds are in TrainConfig's checks
+            raise ValueError(f"{flag} must be at most {most:,} ({why}), got {value:,}")
 
 
 def _parse_from(f) -> tuple[Any, bool]:
@@ -224,6 +289,8 @@ def _coerce(name: str, value: Any) -> Any:
     kind, optional = _parse_from(f)
     if value is None and optional:
         return None
+    if value is None and isinstance(kind, type):
+        raise ValueError(f"config field {name} must be {kind.__name__}, got null (only optional fields take null)")
     if not isinstance(kind, type):
         return kind(value)
     if kind is float and type(value) is int:
@@ -255,25 +322,82 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _DuplicateKey(ValueError):
+    """A key given twice in one mapping of a config file."""
+
+    def __init__(self, key: Any, where: str = "") -> None:
+        super().__init__(f"{key!r} is given twice{where}: remove one of them")
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads``'s ``object_pairs_hook``: a dict, refusing a key given twice (json keeps the last)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load``, but refusing a key given twice in a mapping (PyYAML keeps the last) and reading
+    ``1e-3`` as the float it is (PyYAML follows YAML 1.1, which needs a dot: ``1.0e-3``)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # << merges another mapping: overriding is its point
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, f" (line {key_node.start_mark.line + 1})")
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader says so itself
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
+
+
+def _toml_error(e: tomllib.TOMLDecodeError, text: str) -> str:
+    """tomllib's message, with the line it points at (its message names no key, e.g. for one given twice)."""
+    found = re.search(r"at line (\d+)", str(e))
+    lines = text.splitlines()
+    if found and 0 < int(found.group(1)) <= len(lines):
+        return f"{e}: {lines[int(found.group(1)) - 1].strip()!r}"
+    return str(e)
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Field values from a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file."""
+    """Field values from a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file; a key given twice is refused."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path} cannot be read: {e}") from e
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = _yaml_load(text)
+            data = {} if data is None else data
         elif suffix == ".toml":
-            data = tomllib.loads(text)
+            data = tomllib.loads(text)  # refuses a key given twice itself
         elif suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_json_pairs)
         else:
             raise ValueError(f"--config {path}: unknown file type {suffix!r}; use .yaml, .yml, .toml or .json")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+    except _DuplicateKey as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path} cannot be parsed: {_toml_error(e, text)}") from e
+    except json.JSONDecodeError as e:
         raise ValueError(f"--config {path} cannot be parsed: {e}") from e
     except Exception as e:  # yaml.YAMLError without importing yaml at module level
         if type(e).__module__.startswith("yaml"):
@@ -281,13 +405,20 @@ def load_config_file(path: str | Path) -> dict:
         raise
     if not isinstance(data, dict):
         raise ValueError(f"--config {path} must hold a mapping of field names to values, got {type(data).__name__}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    values: dict[str, Any] = {}
+    spelled: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in values:  # batch-size and batch_size
+            raise ValueError(f"--config {path}: field {name} is given twice (as {spelled[name]!r} and {key!r}): "
+                             "remove one of them")
+        values[name], spelled[name] = value, key
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)}; "
                          f"valid fields: {', '.join(sorted(known))}")
-    return data
+    return values
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

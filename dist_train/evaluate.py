@@ -4,8 +4,13 @@
     torchrun --nproc_per_node=4 -m dist_train.evaluate --checkpoint ... --shards ...   # same numbers, faster
 
 Writes ``report.json``, ``report.md``, ``confusion.png`` and ``predictions.jsonl`` (per-video top-5)
-to ``--out`` (default: ``<checkpoint folder>/eval-<split>``) and prints the Markdown report. Every
-sample is evaluated exactly once over all processes and the count is checked against manifest.json.
+to ``--out`` (default: ``eval-<checkpoint stem>-<split>`` beside the checkpoint, e.g. ``runs/exp1/eval-best-test``
+and ``runs/exp1/eval-last-test``) and prints the Markdown report. Every sample is evaluated exactly once
+over all processes and the count is checked against manifest.json. The results (report.json) are
+written first; a sample whose metadata lacks its source path gets ``"path": null`` in predictions.jsonl,
+with a warning.
+
+Exit status: 0 report written, 2 the checkpoint or shard folder cannot be used (nothing evaluated).
 """
 
 from __future__ import annotations
@@ -17,14 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train import checkpoint as ckpt_io
 from dist_train import data
 from dist_train.distributed import cleanup, init_distributed
-from dist_train.evaluation import eval_spec, evaluate_samples, most_confused
+from dist_train.evaluation import (
+    USE_HINT,
+    UnusableCheckpoint,
+    eval_spec,
+    evaluate_samples,
+    load_trained_model,
+    most_confused,
+)
 from dist_train.metrics import save_confusion_png
 from dist_train.models import input_layout
 from preprocess import shard_format as fmt
-from preprocess.shard_format import write_json_atomic
+from preprocess.shard_format import write_bytes_atomic, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training checkpoint, e.g. runs/exp1/best.pt")
     p.add_argument("--shards", required=True, help="shard folder with manifest.json")
     p.add_argument("--split", default="test", choices=fmt.SPLITS, help="split to evaluate")
-    p.add_argument("--out", default=None, help="report folder (default: <checkpoint folder>/eval-<split>)")
+    p.add_argument("--out", default=None,
+                   help="report folder (default: eval-<checkpoint stem>-<split> beside the checkpoint)")
     p.add_argument("--views", type=int, default=1, choices=(1, 3),
                    help="spatial crops per video, probabilities averaged (1 = the trainer's centre crop)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per process per batch")
@@ -57,11 +69,32 @@ def report_markdown(r: dict) -> str:
     ]
     for name, acc in r["per_class"].items():
         lines.append(f"| {name} | {r['per_class_count'][name]} | {acc:.3f} |")
-    lines += ["", "## Most confused pairs", "", "| true | predicted | clips | share of true class |", "|---|---|---:|---:|"]
+    lines += ["", "## Most confused pairs", "", "| true | predicted | clips | share of true class |",
+              "|---|---|---:|---:|"]
     lines += [f"| {c['true']} | {c['predicted']} | {c['count']} | {c['fraction']:.3f} |" for c in r["most_confused"]]
     if not r["most_confused"]:
         lines.append("| (none) | | | |")
     return "\n".join(lines) + "\n"
+
+
+def default_out(checkpoint: str | Path, split: str) -> Path:
+    """The default report folder: one per checkpoint and split, beside the checkpoint."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent / f"eval-{checkpoint.stem}-{split}"
+
+
+def _inputs(a: argparse.Namespace):
+    """The model, checkpoint and manifest to evaluate; ``ValueError``/``FileNotFoundError`` saying what is wrong."""
+    model, ckpt = load_trained_model(a.checkpoint)
+    missing = [k for k in ("model", "img_size", "train_crop") if k not in ckpt["config"]]
+    if missing:
+        raise UnusableCheckpoint(f"cannot use checkpoint {a.checkpoint}: its config lacks {', '.join(missing)} "
+                                 f"(an older version); {USE_HINT}")
+    manifest = fmt.load_manifest(a.shards)
+    if manifest.classes != ckpt["classes"]:
+        raise ValueError(f"{a.shards} has classes {manifest.classes}, but {a.checkpoint} was trained on "
+                         f"{ckpt['classes']}; evaluate it on shards of its own classes")
+    return model, ckpt, manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,16 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed()
     try:
         try:
-            model, ckpt = ckpt_io.load_model(a.checkpoint)
-            manifest = fmt.load_manifest(a.shards)
+            model, ckpt, manifest = _inputs(a)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         classes, cfg = ckpt["classes"], ckpt["config"]
-        if manifest.classes != classes:
-            print(f"error: {a.shards} has classes {manifest.classes}, but {a.checkpoint} was trained on {classes}",
-                  file=sys.stderr)
-            return 2
         samples = data.Samples.of(manifest, a.split)
         spec = eval_spec(manifest.n_frames, len(classes), cfg["img_size"], cfg["train_crop"], a.on_bad_sample, "cpu",
                          a.views)
@@ -87,46 +115,60 @@ def main(argv: list[str] | None = None) -> int:
                              layout=input_layout(cfg["model"]), stats=data.normalization(cfg["model"]),
                              device=info.device, rank=info.rank, world_size=info.world_size, batch_size=a.batch_size,
                              workers=data.resolve_workers(a.workers), split=a.split, keep_predictions=True)
-        if not info.is_main:
-            return 0
-        counts = [sum(row) for row in r["confusion"]]
-        r.update(
-            checkpoint=str(a.checkpoint), shards=str(a.shards), split=a.split, world_size=info.world_size,
-            mean_class_accuracy=sum(r["per_class"].values()) / len(classes),
-            per_class_count=dict(zip(classes, counts)),
-            most_confused=most_confused(r["confusion"], classes),
-            views=a.views,
-            views_note=f"{a.views} spatial x 1 temporal (shards hold {manifest.n_frames} frames per video, "
-                       f"the clip length the model was trained on, so one temporal view)",
-        )
-        out = Path(a.out) if a.out else Path(a.checkpoint).resolve().parent / f"eval-{a.split}"
-        out.mkdir(parents=True, exist_ok=True)
-        predictions, bad = r.pop("predictions"), r.pop("bad")
-        key_paths = _key_paths(manifest, a.split)
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for p in predictions:
-                f.write(json.dumps({"path": key_paths.get(p["key"]), **p,
-                                    "top": [classes[i] for i in p["top"]]}) + "\n")
-        r["unreadable_samples"] = bad
-        write_json_atomic(out / "report.json", r)
-        md = report_markdown(r)
-        (out / "report.md").write_text(md, encoding="utf-8")
-        save_confusion_png(r["confusion"], classes, out / "confusion.png", a.split)
-        print(md)
-        print(f"report written to {out}/ (report.json, report.md, confusion.png, predictions.jsonl)", file=sys.stderr)
+        if info.is_main:
+            _write_report(a, r, manifest, classes, info.world_size)
         return 0
     finally:
         cleanup()
 
 
-def _key_paths(manifest: fmt.Manifest, split: str) -> dict[str, str]:
-    """Sample key -> source video path, read from the samples' metadata members."""
-    out = {}
+def _write_report(a: argparse.Namespace, r: dict, manifest: fmt.Manifest, classes: list[str],
+                  world_size: int) -> None:
+    """report.json first (the finished evaluation), then report.md, confusion.png and predictions.jsonl."""
+    counts = [sum(row) for row in r["confusion"]]
+    r.update(
+        checkpoint=str(a.checkpoint), shards=str(a.shards), split=a.split, world_size=world_size,
+        mean_class_accuracy=sum(r["per_class"].values()) / len(classes),
+        per_class_count=dict(zip(classes, counts)),
+        most_confused=most_confused(r["confusion"], classes),
+        views=a.views,
+        views_note=f"{a.views} spatial x 1 temporal (shards hold {manifest.n_frames} frames per video, "
+                   f"the clip length the model was trained on, so one temporal view)",
+    )
+    out = Path(a.out) if a.out else default_out(a.checkpoint, a.split)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = r.pop("predictions")
+    r["unreadable_samples"] = r.pop("bad")
+    write_json_atomic(out / "report.json", r)
+    md = report_markdown(r)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    save_confusion_png(r["confusion"], classes, out / "confusion.png", a.split)
+    key_paths = _key_paths(manifest, a.split)
+    lines = [json.dumps({"path": key_paths.get(p["key"]), **p, "top": [classes[i] for i in p["top"]]})
+             for p in predictions]
+    write_bytes_atomic(out / "predictions.jsonl", "".join(line + "\n" for line in lines).encode("utf-8"))
+    print(md)
+    print(f"report written to {out}/ (report.json, report.md, confusion.png, predictions.jsonl)", file=sys.stderr)
+
+
+def _key_paths(manifest: fmt.Manifest, split: str) -> dict[str, str | None]:
+    """Sample key -> source video path, read from the samples' metadata members; None (with one warning)
+    where the metadata lacks it."""
+    out, lacking = {}, []
     for sample in data.read_split(manifest, split, skip_bad=True, only=(fmt.META_FIELD,)):
+        key = sample["__key__"]
         try:
-            out[sample["__key__"]] = json.loads(sample[fmt.META_FIELD])["path"]
+            meta = json.loads(sample[fmt.META_FIELD])
         except (ValueError, KeyError):
             continue  # an unreadable sample is already reported by the evaluation itself
+        path = meta.get("path") if isinstance(meta, dict) else None
+        out[key] = path if isinstance(path, str) else None
+        if out[key] is None:
+            lacking.append(key)
+    if lacking:
+        print(f"warning: {len(lacking)} sample(s) of {split} in {manifest.root} have no source \"path\" in their "
+              f"metadata (e.g. {lacking[0]}); predictions.jsonl gives \"path\": null for them. Re-pack the videos "
+              "with this version of preprocess.shard to record it.", file=sys.stderr)
     return out
 
 

@@ -7,6 +7,10 @@ Views: one view is the centre crop the trainer evaluates on. ``views=3`` adds th
 long side (three spatial crops of the same frames) and averages the class probabilities. Temporal
 views need more stored frames than the model takes; packed shards hold exactly the clip the model
 was trained on, so evaluation always uses one temporal view and says so.
+
+``load_trained_model`` is how evaluate, predict and export open a checkpoint: every way a file can
+fail to be a usable model (missing, not a checkpoint, another format version, weights or config that
+do not fit the model) is one ``UnusableCheckpoint`` naming the file and saying what to do.
 """
 
 from __future__ import annotations
@@ -18,8 +22,37 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from dist_train import checkpoint as ckpt_io
 from dist_train import data
 from dist_train.distributed import all_gather_object, all_reduce
+
+USE_HINT = "pass a best.pt or last.pt written by `python -m dist_train` (this version), or retrain"
+
+
+class UnusableCheckpoint(ValueError):
+    """A file that cannot be used as a trained model; the message names it and says what to do."""
+
+
+def load_trained_model(path) -> tuple[torch.nn.Module, dict]:
+    """``checkpoint.load_model(path)``: the model (eval mode, CPU) and the checkpoint; else ``UnusableCheckpoint``."""
+    try:
+        return ckpt_io.load_model(path)
+    except FileNotFoundError:
+        raise UnusableCheckpoint(f"checkpoint {path} not found; {USE_HINT}") from None
+    except ckpt_io.CheckpointVersionError as e:  # already says what to do
+        raise UnusableCheckpoint(str(e)) from None
+    except ValueError as e:  # not a loadable file, or not one of ours
+        # torch.load's own text (the cause) is long and suggests weights_only=False: no advice for a user
+        reason = (f"{path} is not a loadable checkpoint ({type(e.__cause__).__name__}: not written by torch.save, "
+                  "cut short or damaged)") if e.__cause__ is not None else str(e)
+        raise UnusableCheckpoint(f"{reason}; {USE_HINT}") from None
+    except KeyError as e:
+        raise UnusableCheckpoint(f"cannot use checkpoint {path}: its config lacks {e} (an older or foreign "
+                                 f"checkpoint); {USE_HINT}") from None
+    except RuntimeError as e:  # load_state_dict: missing or unexpected parameters, other shapes
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[:3])
+        raise UnusableCheckpoint(f"cannot use checkpoint {path}: its weights do not fit the model its config "
+                                 f"describes ({detail[:400]}); {USE_HINT}") from None
 
 
 @dataclass(frozen=True)
@@ -67,7 +100,8 @@ def class_scores(model: torch.nn.Module, video: torch.Tensor, layout: str, stats
 def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: data.SampleSpec, *, classes: list[str],
                      layout: str, stats: tuple, device: torch.device, rank: int = 0, world_size: int = 1,
                      batch_size: int = 8, workers: int = 0, autocast=None, split: str = "test",
-                     keep_predictions: bool = False, bad_shards: dict[str, str] | None = None) -> dict:
+                     keep_predictions: bool = False, bad_shards: dict[str, str] | None = None,
+                     data_timeout: float = 0.0) -> dict:
     """Loss, top-1/5, per-class accuracy and confusion matrix of samples ``ids`` (all ranks call this).
 
     Each rank reads a disjoint block of the samples with the plain (unwrapped) model, so ranks may see
@@ -77,7 +111,7 @@ def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: d
     """
     c = len(classes)
     loader = data.eval_loader(samples, ids, spec, rank, world_size, batch_size, workers, pin=device.type == "cuda",
-                              bad_shards=bad_shards)
+                              bad_shards=bad_shards, timeout=data_timeout)
     was_training = model.training
     model.eval()
     confusion = torch.zeros(c * c, dtype=torch.float64, device=device)

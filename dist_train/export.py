@@ -8,6 +8,14 @@ and ``H = W`` fixed at export (``--frames``, ``--size``; default 16 and the trai
 and the batch size free. It returns logits ``[B, num_classes]``. ``FILE.json`` beside the model holds
 the layout, shape, normalisation and class names. ONNX needs the optional extra ``onnx`` (packages
 ``onnx`` and ``onnxruntime``, used to check the file).
+
+The file is written under a temporary name (unique per process, in the same folder), loaded back and
+compared with the eager model; only when it agrees within the tolerance is it renamed to ``FILE``, so
+a failed check leaves no file (and any previous ``FILE`` untouched). ``--out`` may not name the
+checkpoint being read (also through a hard or symbolic link) nor a ``.pt`` file of a run folder (a
+folder with a run's config.json, last.pt, best.pt or checkpoints/step-*.pt): those are checkpoints.
+
+Exit status: 0 exported and checked, 1 the check failed (nothing written), 2 bad arguments or checkpoint.
 """
 
 from __future__ import annotations
@@ -15,17 +23,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from dist_train import checkpoint as ckpt_io
 from dist_train.data import normalization
+from dist_train.evaluation import UnusableCheckpoint, load_trained_model
 from dist_train.models import input_layout, unwrap
 
 FORMATS = ("torchscript", "onnx")
@@ -33,8 +45,22 @@ INPUT, OUTPUT = "clips", "logits"
 ONNX_OPSET = 17
 
 
+RUN_FILES = ("config.json", ckpt_io.LAST, ckpt_io.BEST)  # what makes a folder a run folder (with step checkpoints)
+
+
 class MissingExtra(ImportError):
     """An optional dependency needed for the requested export format is not installed."""
+
+
+class ParityError(RuntimeError):
+    """The exported model does not compute what the eager model does; no file was kept."""
+
+
+class Parity(NamedTuple):
+    """Largest absolute logit difference exported vs eager, and the tolerance it was held to."""
+
+    diff: float
+    tol: float
 
 
 def _require_onnx() -> None:
@@ -80,11 +106,33 @@ def _run_exported(fmt: str, out: Path, x: Tensor) -> Tensor:
     return torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
 
 
-def export(model: nn.Module, layout: str, example: Tensor, fmt: str, out: Path) -> float:
-    """Write ``model`` (input ``example`` in ``layout``) to ``out`` as ``fmt``; return max |exported - eager|.
+def _tmp_path(path: Path) -> Path:
+    """A temporary name beside ``path``, unique per writer (process id and a random part)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
-    The file is loaded back (``torch.jit.load`` / onnxruntime) and run on ``example`` and on a sample
-    with another batch size; the largest absolute logit difference to the eager model is returned.
+
+def _save(model: nn.Module, example: Tensor, fmt: str, path: Path) -> None:
+    with _quiet(), torch.no_grad():
+        if fmt == "torchscript":
+            # trace, not script: the forward is plain tensor code, and tracing records the batch
+            # size symbolically (checked on a second batch size).
+            torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
+        else:
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=[INPUT], output_names=[OUTPUT],
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            )
+
+
+def export(model: nn.Module, layout: str, example: Tensor, fmt: str, out: Path, atol: float = 1e-4,
+           rtol: float = 1e-4) -> Parity:
+    """Write ``model`` (input ``example`` in ``layout``) to ``out`` as ``fmt``, checked against the eager model.
+
+    The file is written under a temporary name, loaded back (``torch.jit.load`` / onnxruntime) and run
+    on ``example`` and on a sample with another batch size. It becomes ``out`` (atomic rename) only when
+    the largest absolute logit difference is within ``atol + rtol * max |eager logit|``; otherwise it is
+    deleted and ``ParityError`` raised.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; valid choices: {', '.join(FORMATS)}")
@@ -100,27 +148,56 @@ def export(model: nn.Module, layout: str, example: Tensor, fmt: str, out: Path) 
     # (on a copy: the caller's model keeps its mode, device and memory format)
     model = copy.deepcopy(unwrap(model)).cpu().float().eval().to(memory_format=torch.contiguous_format)
     example = example.detach().cpu().float().contiguous()
-    with _quiet(), torch.no_grad():
-        if fmt == "torchscript":
-            # trace, not script: the forward is plain tensor code, and tracing records the batch
-            # size symbolically (checked below on a second batch size).
-            traced = torch.jit.trace(model, example, check_trace=False)
-            torch.jit.save(traced, str(out))
-        else:
-            torch.onnx.export(
-                model, (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=[INPUT], output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-            )
-    diff = 0.0
-    for x in (example, _other_batch(example)):
-        with torch.no_grad():
-            ref = model(x)
-        got = _run_exported(fmt, out, x)
-        if got.shape != ref.shape:
-            raise RuntimeError(f"exported model returned shape {tuple(got.shape)}, eager {tuple(ref.shape)}")
-        diff = max(diff, (got - ref).abs().max().item())
-    return diff
+    tmp = _tmp_path(out)
+    try:
+        _save(model, example, fmt, tmp)
+        diff = scale = 0.0
+        for x in (example, _other_batch(example)):
+            with torch.no_grad():
+                ref = model(x)
+            got = _run_exported(fmt, tmp, x)
+            if got.shape != ref.shape:
+                raise ParityError(f"{out}: the exported model returned shape {tuple(got.shape)}, the eager model "
+                                  f"{tuple(ref.shape)}; nothing was written")
+            diff, scale = max(diff, (got - ref).abs().max().item()), max(scale, ref.abs().max().item())
+        tol = atol + rtol * scale
+        if not diff <= tol:
+            raise ParityError(
+                f"{out}: the exported {fmt} model differs from the eager model by {diff:.3g} (max |logit "
+                f"difference|), beyond the tolerance {tol:.3g}; nothing was written. Try the other --format, or "
+                "raise --atol/--rtol if a difference this size is acceptable.")
+        os.replace(tmp, out)
+        return Parity(diff, tol)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_folder(folder: Path) -> Path | None:
+    """The run folder that ``folder`` is, or whose checkpoints/ folder it is; None for any other folder."""
+    for d in (folder, folder.parent) if folder.name == ckpt_io.STEP_DIR else (folder,):
+        if any((d / name).is_file() for name in RUN_FILES) or any((d / ckpt_io.STEP_DIR).glob("step-*.pt")):
+            return d
+    return None
+
+
+def overwrite_problem(out: Path, checkpoint: Path) -> str | None:
+    """Why writing ``out`` (and ``out.json``) could destroy a checkpoint, or None when it cannot."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    run = _run_folder(out.parent.resolve())
+    if run is not None and (out.suffix == ".pt" or out.parent.resolve().name == ckpt_io.STEP_DIR):
+        return (f"--out {out} is in run folder {run}, whose .pt files are its training checkpoints; write the "
+                f"export elsewhere, e.g. --out {run / 'export' / out.name}")
+    ckpt_run = _run_folder(checkpoint.parent.resolve())
+    protected = [checkpoint]
+    if ckpt_run is not None:
+        protected += sorted(ckpt_run.glob("*.pt")) + sorted((ckpt_run / ckpt_io.STEP_DIR).glob("*.pt"))
+    for target in (out, out.with_name(out.name + ".json")):
+        for c in protected:
+            if target.exists() and c.exists() and os.path.samefile(target, c):
+                how = "" if os.path.abspath(target) == os.path.abspath(c) else ", through a link"
+                return f"--out {out} would replace {target}, which is the checkpoint {c} (the same file{how}); " \
+                       "choose another --out"
+    return None
 
 
 def sample_input(model_name: str, batch: int, frames: int, size: int, seed: int = 0) -> Tensor:
@@ -144,28 +221,42 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export, check against eager, print the difference; exit 0 within tolerance, 1 beyond, 2 on errors."""
     a = _build_parser().parse_args(argv)
     if a.frames < 1 or (a.size is not None and a.size < 8) or a.batch < 1:
         print("export: --frames and --batch must be >= 1 and --size >= 8", file=sys.stderr)
         return 2
+    out = Path(a.out)
+    problem = overwrite_problem(out, Path(a.checkpoint))
+    if problem:
+        print(f"export: refused: {problem}", file=sys.stderr)
+        return 2
     try:
         if a.format == "onnx":
             _require_onnx()
-        model, ckpt = ckpt_io.load_model(a.checkpoint)
-    except (MissingExtra, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f"export: {type(e).__name__}: {e}", file=sys.stderr)
+        model, ckpt = load_trained_model(a.checkpoint)
+    except (MissingExtra, UnusableCheckpoint) as e:
+        print(f"export: {e}", file=sys.stderr)
         return 2
     cfg = ckpt["config"]
     name, size = cfg["model"], a.size or cfg["img_size"]
     layout = input_layout(name)
     example = sample_input(name, a.batch, a.frames, size)
-    out = Path(a.out)
-    diff = export(model, layout, example, a.format, out)
-    with torch.no_grad():
-        scale = model(example).abs().max().item()
-    tol = a.atol + a.rtol * scale
+    try:
+        diff, tol = export(model, layout, example, a.format, out, a.atol, a.rtol)
+    except ParityError as e:
+        print(f"export: check failed: {e}", file=sys.stderr)
+        return 1
     mean, std = normalization(name)
     shape = ["B", a.frames, 3, size, size] if layout == "BTCHW" else ["B", 3, a.frames, size, size]
     meta = {
@@ -175,13 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         "classes": list(ckpt["classes"]), "max_abs_diff_vs_eager": diff, "tolerance": tol,
     }
     meta_path = out.with_name(out.name + ".json")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    ok = diff <= tol
+    _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out} ({a.format}, {out.stat().st_size / 1e6:.1f} MB) and {meta_path}")
     print(f"input {INPUT}: float32 {layout} {shape} (batch free), output {OUTPUT}: [B, {len(ckpt['classes'])}]")
-    print(f"max |exported - eager| = {diff:.3g} on {a.batch} and {a.batch + 1} clip(s) "
-          f"(tolerance {tol:.3g}): {'OK' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+    print(f"max |exported - eager| = {diff:.3g} on {a.batch} and {a.batch + 1} clip(s) (tolerance {tol:.3g}): OK")
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Input layouts (``input_layout``): ``cnn_rnn`` takes ``[B, T, C, H, W]``; the 3D CNNs take
 ``[B, C, T, H, W]``. Pretrained weights come from torchvision's weight enums, read from the torch hub
 cache (``$TORCH_HOME/hub/checkpoints``) or an explicit file; the network is never used.
+
+Errors: ``ConfigError`` (exit status 2) for what the run was asked to build: an unknown choice, pretrained
+weights that are missing, unloadable or do not fit the model. Plain ``ValueError`` / ``TypeError`` for
+arguments the trainer has checked already (a bug if one reaches here from a run) and for data (no classes).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torchvision.models.video import MC3_18_Weights, R2Plus1D_18_Weights, R3D_18
 from torchvision.models.video import resnet as video_resnet
 
 from dist_train.config import HEADS, MODEL_NAMES, RNNS
+from dist_train.faults import ConfigError
 
 MODELS = MODEL_NAMES  # the choices are listed once, in config.py
 FEATURES = 512  # ResNet18's pooled feature width
@@ -44,8 +49,8 @@ _NAMED_PRETRAINED = {"cnn_rnn": ("imagenet", ResNet18_Weights.IMAGENET1K_V1)} | 
 }
 
 
-class PretrainedWeightsNotFound(FileNotFoundError):
-    """Pretrained weights are not on disk (and are never downloaded)."""
+class PretrainedWeightsNotFound(ConfigError, FileNotFoundError):
+    """Pretrained weights are not on disk (and are never downloaded): a configuration error."""
 
 
 class CNNRNN(nn.Module):
@@ -150,7 +155,7 @@ class VideoCNN(video_resnet.VideoResNet):
 
 def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(valid)}")
+        raise ConfigError(f"unknown {what} {value!r}; valid choices: {', '.join(valid)}")
 
 
 def input_layout(name: str) -> str:
@@ -187,7 +192,7 @@ def _find_weights(model_name: str, pretrained: str) -> Path:
     kind, weights = _NAMED_PRETRAINED[model_name]
     if pretrained in ("imagenet", "kinetics"):
         if pretrained != kind:
-            raise ValueError(
+            raise ConfigError(
                 f"--pretrained {pretrained} does not apply to {model_name}; use {kind!r} or a file path"
             )
         path = hub_weights_file(weights)
@@ -212,12 +217,13 @@ def _state_dict_from(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or pickled objects beyond tensors
-        raise ValueError(f"cannot load weights file {path} with weights_only=True: {e}") from e
+        raise ConfigError(f"cannot load weights file {path} (--pretrained) with weights_only=True: {e}") from e
     # Accept a training checkpoint too: its model state lives under "model".
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise ConfigError(f"weights file {path} (--pretrained) does not hold a state dict (a mapping of names to "
+                          "tensors)")
     # Strip wrapper prefixes so files saved from DDP / torch.compile models load too.
     out = {}
     for key, value in obj.items():
@@ -249,7 +255,7 @@ def _load_pretrained(model: nn.Module, model_name: str, pretrained: str) -> None
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise ConfigError(
             f"weights file {path} does not fit {model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches (file vs model) {shapes[:5]}"
         )

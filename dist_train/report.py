@@ -1,17 +1,40 @@
-"""What a run says about itself: the start-up summary and warnings, ``OUT/validation.json``, the training
-metrics of a log window, an epoch's record, and ``results.json``'s fields.
+"""What a run says about itself: the start-up files, summary and warnings (``config.json``,
+``validation.json``), the training metrics of a log window, an epoch's record, and ``results.json``'s fields.
 
-These are pure functions of what the trainer passes in; it does the all-reduces and the writing.
+Functions of what the trainer passes in; the trainer does the all-reduces.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
-from dist_train import data
+from dist_train import data, trace
+from dist_train.faults import write_status
+from dist_train.metrics import CONFIG_FILE
 from dist_train.step import Sums
+from preprocess.shard_format import write_json_atomic
+
+log = logging.getLogger("dist_train")
 
 VALIDATION_FILE = "validation.json"
+
+
+def write_start(out: Path, cfg, plan: data.DataPlan, classes: list[str], pack_split: str | None, epoch: int,
+                step: int, info, where: str) -> None:
+    """Rank 0 at start: config.json, status.json, validation.json, the trimmed trace, the summary and warnings."""
+    write_json_atomic(out / CONFIG_FILE, cfg.to_dict())
+    write_status(out, "running", epoch=epoch, step=step)
+    write_json_atomic(out / VALIDATION_FILE, validation_record(plan, classes, cfg.val_fraction, cfg.seed, pack_split))
+    if cfg.trace_samples:
+        trace.trim(out, step)
+    log.info(start_summary(where, info.world_size, info.device, info.backend, plan, cfg.precision))
+    for note in (data.validation_note(plan, cfg.val_fraction, len(classes)),
+                 layout_note(plan.layout, cfg.batch_size, cfg.accum_steps)):
+        if note:
+            log.warning(note)
 
 
 def start_summary(where: str, world_size: int, device: torch.device, backend: str | None, plan: data.DataPlan,
@@ -90,7 +113,7 @@ def final_results(test: dict, best: dict, *, classes: list[str], plan: data.Data
         "classes": classes, "epochs": epochs, "steps": steps, "world_size": world_size,
         "global_batch": lay.global_batch, "micro_batch": lay.micro_batch, "accum_steps": lay.accum_steps,
         "n_train": plan.n_train, "n_val": len(plan.val_ids), "workers": plan.workers, "selected_on": selected_on,
-        "best_epoch": best["state"]["best_epoch"] if selected_on == "val" else epochs,
+        "best_epoch": best["state"]["best_epoch"], "best_step": best["step"],
         "best_val_top1": best["state"]["best_top1"] if selected_on == "val" else None,
         "checkpoint": checkpoint, "steps_per_rank": steps_per_rank, "replica_max_abs_diff": replica_diff,
         "skipped_train_samples": skipped,

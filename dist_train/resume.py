@@ -9,17 +9,31 @@ run folder links that folder's best.pt into ``--out`` (``checkpoint.adopt_best``
 from __future__ import annotations
 
 import logging
-import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_train import checkpoint as ckpt_io
-from dist_train import trace
 from dist_train.config import TrainConfig
 from dist_train.distributed import DistInfo, broadcast_object
 from dist_train.faults import ConfigError
-from dist_train.metrics import METRICS_FILE, RESULTS_FILE
 
 log = logging.getLogger("dist_train")
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint (with the epoch's metric sums so far)."""
+
+    epoch: int = 0  # the epoch being trained (== epochs when training is done)
+    step: int = 0  # optimizer steps done in total
+    step_in_epoch: int = 0  # optimizer steps done in ``epoch``
+    best_top1: float = -1.0
+    best_loss: float = float("inf")  # validation loss of the best epoch: breaks top-1 ties
+    best_epoch: int = -1
+    best_step: int = -1  # the step at which best.pt was saved (best.pt's own step)
+    run_id: str = ""  # names this run in each of its checkpoints, so a best.pt of another run is never used
+    skipped: int = 0  # bad training samples skipped so far (all ranks)
+    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
+
 
 # The data order, the validation set and the position in them depend on these: a resume keeps them.
 DATA_FIELDS = ("seed", "val_fraction", "shuffle_window")
@@ -51,10 +65,7 @@ def _choose(cfg: TrainConfig, out: Path) -> tuple[str, str | None]:
         if existing and not cfg.overwrite:
             return "error", (f"{out} already holds checkpoints ({existing[0].name}, ...): pass --resume auto to "
                              "continue that run, or --overwrite to start over")
-        shutil.rmtree(out / ckpt_io.STEP_DIR, ignore_errors=True)
-        for name in (ckpt_io.LAST, ckpt_io.BEST, METRICS_FILE, RESULTS_FILE, trace.SAMPLES_FILE):
-            (out / name).unlink(missing_ok=True)
-        return "ok", None
+        return "ok", None  # with --overwrite the old files are moved aside once this run is checked
     if Path(cfg.resume).is_file():
         return "ok", cfg.resume
     return "error", f"--resume {cfg.resume}: no such checkpoint file (use auto, never or a path)"

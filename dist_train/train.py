@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+import uuid
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from dist_train import builders, data, evaluation, report, resume, trace
+from dist_train import builders, data, evaluation, report, resume, run_folder, trace
 from dist_train import checkpoint as ckpt_io
 from dist_train.config import TrainConfig
 from dist_train.distributed import (
@@ -36,32 +37,28 @@ from dist_train.distributed import (
     all_gather_object,
     all_reduce,
     barrier,
+    broadcast_object,
     cleanup,
     init_distributed,
     max_replica_difference,
     seed_everything,
 )
-from dist_train.faults import EXIT_OK, EXIT_STOPPED, ConfigError, StopRequest, after_step_hooks, write_status
-from dist_train.metrics import CONFIG_FILE, make_logger, resolve_wandb_mode, setup_logging
+from dist_train.faults import (
+    EXIT_OK,
+    EXIT_STOPPED,
+    ConfigError,
+    StopRequest,
+    after_step_hooks,
+    kill_workers,
+    write_status,
+)
+from dist_train.metrics import make_logger, resolve_wandb_mode, setup_logging
 from dist_train.models import unwrap
+from dist_train.resume import TrainState
 from dist_train.step import Sums
-from preprocess.shard_format import load_manifest, write_json_atomic
+from preprocess.shard_format import load_manifest
 
 log = logging.getLogger("dist_train")
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in every checkpoint (with the epoch's metric sums so far)."""
-
-    epoch: int = 0  # the epoch being trained (== epochs when training is done)
-    step: int = 0  # optimizer steps done in total
-    step_in_epoch: int = 0  # optimizer steps done in ``epoch``
-    best_top1: float = -1.0
-    best_loss: float = float("inf")  # validation loss of the best epoch: breaks top-1 ties
-    best_epoch: int = -1
-    skipped: int = 0  # bad training samples skipped so far (all ranks)
-    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
 
 
 class Trainer:
@@ -95,14 +92,32 @@ class Trainer:
         self.steps_run, self.last_save = 0, time.monotonic()
         if ckpt:
             self._restore(ckpt, source)
+        else:
+            self.state.run_id = broadcast_object(uuid.uuid4().hex if info.is_main else None)
+        # All checked: only now may --overwrite move the previous run's files aside (back if nothing is saved).
+        self.replaced = run_folder.Replaced(self.out) if info.is_main and cfg.resume == "never" else None
+        try:
+            if self.replaced:
+                self.replaced.move_aside()
+            self._start_logging(manifest, ckpt, source)
+        except BaseException:
+            if self.replaced:
+                self.replaced.put_back()
+            raise
+
+    def _start_logging(self, manifest, ckpt: dict | None, source: Path | None) -> None:
+        """The run logger (W&B continues the checkpoint's run), then rank 0's files and start-up summary."""
+        cfg, info = self.cfg, self.info
         self.log = make_logger(info.is_main, self.out, {**cfg.to_dict(), "classes": self.classes,
                                                         "world_size": info.world_size}, cfg.wandb,
                                ckpt.get("wandb_run_id") if ckpt else None, progress=cfg.progress,
                                project=cfg.wandb_project, entity=cfg.wandb_entity, run_name=cfg.run_name,
                                init_timeout=cfg.wandb_init_timeout)
         if info.is_main:
-            self._announce(manifest, f"resumed from {source} at epoch {self.state.epoch + 1} step {self.state.step}"
-                           if ckpt else "fresh start")
+            st = self.state
+            where = f"resumed from {source} at epoch {st.epoch + 1} step {st.step}" if ckpt else "fresh start"
+            report.write_start(self.out, cfg, self.plan, self.classes, manifest.args.get("split"), st.epoch, st.step,
+                               info, where)
 
     def _restore(self, ckpt: dict, source: Path) -> None:
         """Continue the checkpoint's run: optimizer, schedule, scaler, state, best.pt, epoch sums, RNG."""
@@ -114,22 +129,6 @@ class Trainer:
             self.epoch_sums = Sums.from_epoch_record(ckpt["state"]["epoch_sums"])
         resume.restore_rng(ckpt, self.info, self.plan.global_batch)
         self.state.step_in_epoch = min(self.state.step_in_epoch, self.plan.steps_per_epoch)
-
-    def _announce(self, manifest, where: str) -> None:
-        """Rank 0: config.json, status.json, validation.json, the trimmed trace and the start-up summary."""
-        cfg, plan = self.cfg, self.plan
-        write_json_atomic(self.out / CONFIG_FILE, cfg.to_dict())
-        write_status(self.out, "running", epoch=self.state.epoch, step=self.state.step)
-        write_json_atomic(self.out / report.VALIDATION_FILE, report.validation_record(
-            plan, self.classes, cfg.val_fraction, cfg.seed, manifest.args.get("split")))
-        if cfg.trace_samples:
-            trace.trim(self.out, self.state.step)
-        log.info(report.start_summary(where, self.info.world_size, self.info.device, self.info.backend, plan,
-                                      cfg.precision))
-        for note in (data.validation_note(plan, cfg.val_fraction, len(self.classes)),
-                     report.layout_note(plan.layout, cfg.batch_size, cfg.accum_steps)):
-            if note:
-                log.warning(note)
 
     def save(self, best: bool = False, stopped_by: str | None = None) -> None:
         """All ranks: gather RNG states and the epoch sums; rank 0 writes last.pt (and best.pt) and status."""
@@ -149,14 +148,15 @@ class Trainer:
                 "packing": self.packing, "world_size": self.info.world_size,
                 "wandb_run_id": self.log.run_id, "time": time.time(),
             }
-            path = ckpt_io.save_last(state, self.out, self.cfg.keep_last)
-            if best:
-                ckpt_io.save_best(state, self.out)
+            path = ckpt_io.save_last(state, self.out, self.cfg.keep_last, best=best)
             where = dict(epoch=st.epoch, step=st.step, checkpoint=str(path))
             if stopped_by:
                 write_status(self.out, "stopped", exit_code=EXIT_STOPPED, signal=stopped_by, **where)
             else:
                 write_status(self.out, "running", **where)
+            if self.replaced:
+                self.replaced.drop()
+                self.replaced = None
         self.last_save = time.monotonic()
         barrier(self.info)
 
@@ -188,8 +188,8 @@ class Trainer:
         cfg, plan, st = self.cfg, self.plan, self.state
         spe = plan.steps_per_epoch
         loader = data.train_loader(plan, self.train_spec, self.info.rank, st.epoch, start_step=st.step_in_epoch,
-                                   pin=self.info.device.type == "cuda")
-        batches = iter(loader)
+                                   pin=self.info.device.type == "cuda", timeout=cfg.data_timeout)
+        batches = data.watched(loader, stop, cfg.data_timeout, cfg.shards)
         window, bad = Sums(), []
         bar = self.log.progress(spe, st.step_in_epoch, f"epoch {st.epoch + 1}/{cfg.epochs}")
         self.model.train()
@@ -267,8 +267,10 @@ class Trainer:
         # Top-1 saturates early on small validation sets; among equal top-1, keep the lower loss.
         improved = val is not None and (val["top1"], -val["loss"]) > (st.best_top1, -st.best_loss)
         if improved:
-            st.best_top1, st.best_loss, st.best_epoch = val["top1"], val["loss"], epoch
+            st.best_top1, st.best_loss = val["top1"], val["loss"]
         improved |= not len(self.plan.val_ids) and epoch == cfg.epochs  # no validation data: keep the final model
+        if improved:
+            st.best_epoch, st.best_step = epoch, st.step
         st.history.append(record)
         self.log.log({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, st.step)
         log.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
@@ -287,7 +289,7 @@ class Trainer:
             self.model, samples, ids, self.eval_spec, classes=self.classes, layout=sp.layout, stats=sp.stats,
             device=self.info.device, rank=self.info.rank, world_size=self.info.world_size,
             batch_size=self.cfg.batch_size, workers=self.plan.workers, autocast=sp.autocast(),
-            split=split, bad_shards=self.plan.bad_shards)
+            split=split, bad_shards=self.plan.bad_shards, data_timeout=self.cfg.data_timeout)
         for r in result.pop("bad")[:20]:
             log.info(f"{split}: unreadable data: shard {r['shard']} sample {r['key']}: {r['reason']}")
         scalars = {f"{split}/{k}": result[k] for k in ("loss", "top1", "top5", "n_samples", "unreadable")}
@@ -301,6 +303,10 @@ class Trainer:
         steps_per_rank = all_gather_object(self.steps_run)
         best_path = self.out / ckpt_io.BEST
         best = ckpt_io.load_checkpoint(best_path)
+        if not ckpt_io.best_matches(best, {"state": asdict(self.state)}):
+            raise RuntimeError(f"{best_path} is not the model this run selected (epoch {self.state.best_epoch}, step "
+                               f"{self.state.best_step}): it holds epoch {best['state'].get('best_epoch')} step "
+                               f"{best['step']} of run {best['state'].get('run_id')!r}; was it replaced?")
         self.model.load_state_dict(best["model"])
         test = self.evaluate("test")
         results = report.final_results(
@@ -316,8 +322,10 @@ class Trainer:
                  f"(best.pt selected on {results['selected_on']}); results in {self.out / 'results.json'}")
 
     def close(self, exit_code: int) -> None:
-        """Finish logging."""
+        """Finish logging; give back the files --overwrite moved aside if this run saved nothing."""
         self.log.close(exit_code)
+        if self.replaced:
+            self.replaced.put_back()
 
 
 def run(cfg: TrainConfig) -> int:
@@ -327,20 +335,25 @@ def run(cfg: TrainConfig) -> int:
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes
         torch.set_float32_matmul_precision("high")
-    trainer, code = None, 1
+    trainer, code, lock = None, 1, None
     # Installed for the rest of the process's life, teardown included: when one rank exits, torchrun
     # SIGTERMs the others, which must still finish their own clean exit.
-    stop = StopRequest().install()
+    stop = StopRequest(cfg.stop_timeout).install()
     try:
+        lock = run_folder.claim(Path(cfg.out), info)
+        stop.status_out = Path(cfg.out) if lock is not None else None
         trainer = Trainer(cfg, info)
         code = trainer.fit(stop)
         return code
     except BaseException as e:
-        if info.is_main and Path(cfg.out).is_dir():
+        if lock is not None:  # the folder is this run's to write in
             state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             write_status(Path(cfg.out), state, error=f"{type(e).__name__}: {e}")
+        kill_workers()  # a loader worker stuck in a read would keep the exit waiting for it
         raise
     finally:
         if trainer is not None:
             trainer.close(code)
+        if lock is not None:
+            lock.release()
         cleanup()

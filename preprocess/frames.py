@@ -11,6 +11,7 @@ common case finish in one decoding pass; when it is wrong a second pass fetches 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,26 @@ class Clip:
         return self.n_decoded < len(self.indices)
 
 
+def _capture(path: Path) -> cv2.VideoCapture:
+    """``cv2.VideoCapture`` of ``path``, whatever bytes name it.
+
+    OpenCV (4.x) crashes the process (SIGSEGV) on a file name that is not UTF-8, such as the Latin-1
+    bytes ``caf\\xe9.avi``: such a file is opened through a symbolic link with a plain name, removed as
+    soon as FFmpeg holds the file open.
+    """
+    # One decoding thread: FFmpeg's default frame threads cost 30-60% more CPU per frame on small
+    # frames and compete with the worker processes, which are where parallelism comes from.
+    params = [cv2.CAP_PROP_N_THREADS, 1]
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="video-") as tmp:
+            link = os.path.join(tmp, "video" + (path.suffix if path.suffix.isascii() else ""))
+            os.symlink(os.path.abspath(path), link)
+            return cv2.VideoCapture(link, cv2.CAP_FFMPEG, params)
+    return cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)
+
+
 def _open(path: Path) -> cv2.VideoCapture:
     if not path.exists():
         raise VideoError("file not found (a broken symbolic link?)")
@@ -92,9 +113,7 @@ def _open(path: Path) -> cv2.VideoCapture:
         raise VideoError("file is not readable (permissions)")
     if path.stat().st_size == 0:
         raise VideoError("empty file (0 bytes)")
-    # One decoding thread: FFmpeg's default frame threads cost 30-60% more CPU per frame on small
-    # frames and compete with the worker processes, which are where parallelism comes from.
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    cap = _capture(path)
     if not cap.isOpened():
         cap.release()
         raise VideoError("OpenCV/FFmpeg cannot open it (not a video, unsupported codec or damaged header)")
@@ -124,20 +143,30 @@ def _decode_pass(cap: cv2.VideoCapture, wanted: set[int], short_side: int,
     return kept, n
 
 
-def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_frames: int = 1) -> Clip:
+def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_frames: int = 1,
+              max_pixels: int | None = None, max_frames: int | None = None) -> Clip:
     """Decode ``path`` and return ``n_frames`` equally spaced frames over the frames that decode.
 
-    Raises ``VideoError`` with the reason when the file cannot be used.
+    ``max_pixels`` bounds the frame size the container declares (checked before any frame decodes) and
+    ``max_frames`` the frames that decode (decoding stops one frame past it), so one huge or endless
+    video cannot take all the memory or time of a packing run. Raises ``VideoError`` with the reason
+    when the file cannot be used.
     """
     path = Path(path)
     cap = _open(path)  # one open serves the header and the first pass
     header = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        cap.release()
+        raise VideoError(f"frames of {size[0]}x{size[1]} ({size[0] * size[1]} pixels) are over the --max-pixels "
+                         f"limit of {max_pixels}; raise it to pack this video")
 
     guess = set(select_indices(header, n_frames)) if header > 0 else set()
-    kept, n_decoded = _decode_pass(cap, guess, short_side, None)
+    kept, n_decoded = _decode_pass(cap, guess, short_side, max_frames)
     passes = 1
+    if max_frames is not None and n_decoded > max_frames:
+        raise VideoError(f"more than {max_frames} frames decode (the --max-frames limit); raise it to pack this video")
     if n_decoded == 0:
         raise VideoError("no frame decodes (truncated, corrupt or not a video)")
     if n_decoded < min_frames:
@@ -165,9 +194,10 @@ def read_clip(path: str | Path, n_frames: int = 16, short_side: int = 128, min_f
 
 
 def read_clip_jpegs(path: str | Path, n_frames: int = 16, short_side: int = 128, quality: int = 90,
-                    min_frames: int = 1) -> tuple[Clip, list[bytes]]:
+                    min_frames: int = 1, max_pixels: int | None = None,
+                    max_frames: int | None = None) -> tuple[Clip, list[bytes]]:
     """``read_clip`` plus the JPEG encoding of its frames: exactly what a packed sample holds."""
-    clip = read_clip(path, n_frames, short_side, min_frames)
+    clip = read_clip(path, n_frames, short_side, min_frames, max_pixels, max_frames)
     return clip, [encode_jpeg(f, quality) for f in clip.frames]
 
 

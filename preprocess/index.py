@@ -72,7 +72,8 @@ def index_shard(path: Path, count: int, sha256: str, n_frames: int, num_classes:
                                           f"(size {m.size}, at byte {m.offset_data} of {size})")
                     key, _, field = m.name.partition(".")
                     if field not in fields or not fmt.is_sample_key(key):
-                        raise IndexingError(f"member {m.name!r} is not named <key>.<field> with a field of {fields[:2]}...")
+                        raise IndexingError(f"member {m.name!r} is not named <key>.<field> "
+                                            f"with a field of {fields[:2]}...")
                     if not samples or samples[-1][0] != key:
                         if key in done:
                             raise IndexingError(f"the members of sample {key!r} are not side by side")
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = sum(len(s["shards"]) for s in manifest["splits"].values())
-    print(f"indexed {n} shards in {a.shards}; manifest.json is now format version {fmt.FORMAT_VERSION}", file=sys.stderr)
+    print(f"indexed {n} shards in {a.shards}; manifest.json is now format version {fmt.FORMAT_VERSION}",
+          file=sys.stderr)
     return 0
 
 

@@ -4,12 +4,13 @@
     reader.py   the one reader of shards: index-checked byte ranges, bad-sample records
     clips.py    JPEG header checks, decoding, crops and flips, the model's input
     batches.py  batches in shared memory and their hand-off to the training process
+    device.py   a batch on the training device (copied out of its buffer, or decoded there)
     loaders.py  the DataLoaders of a rank's training micro-batches and of its share of a split
 
 The rest of the code imports what it needs from here.
 """
 
-from dist_train.data.batches import Batch, BatchFiller, Clips, SampleSpec, materialize, parse_sample
+from dist_train.data.batches import Batch, BatchFiller, SampleSpec, parse_sample
 from dist_train.data.clips import (
     CROPS,
     IMAGENET_STATS,
@@ -24,7 +25,8 @@ from dist_train.data.clips import (
     normalization,
     to_model_input,
 )
-from dist_train.data.loaders import EvalStream, TrainStream, eval_loader, train_loader
+from dist_train.data.device import Clips, materialize
+from dist_train.data.loaders import EvalStream, TrainStream, eval_loader, train_loader, waited_for, watched
 from dist_train.data.plan import (
     DataPlan,
     Layout,
@@ -56,5 +58,5 @@ __all__ = [
     "eval_share",
     "frame_size", "hold_out", "iter_unindexed", "jpeg_size", "make_clip", "make_plan", "materialize", "mix_seed",
     "normalization", "parse_sample", "read_split", "resolve_layout", "resolve_workers", "to_model_input",
-    "train_loader", "validation_note", "verify_shards",
+    "train_loader", "validation_note", "verify_shards", "waited_for", "watched",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import signal
+import time
 from collections.abc import Iterator
 from functools import partial
 
@@ -32,6 +33,7 @@ from dist_train.data.batches import Batch, BatchFiller, BufferPool, SampleSpec, 
 from dist_train.data.clips import _plain
 from dist_train.data.plan import DataPlan, Samples, eval_share, mix_seed
 from dist_train.data.reader import SampleError, ShardReader, bad_record
+from dist_train.faults import DataStall, StopRequest, fault_hook
 
 
 def _worker() -> tuple[int, int]:
@@ -45,10 +47,13 @@ def _read_batches(samples: Samples, spec: SampleSpec, batches: list[np.ndarray],
     i, n_workers = _worker()
     reader = ShardReader(samples.store, samples.shards, samples.fields, bad_shards, indexes=samples.indexes)
     filler = BatchFiller(spec, _batch_size(batches), pool if get_worker_info() else None, i)
+    hang_on = fault_hook("DIST_TRAIN_TEST_HANG_ON_KEY")  # tests only: a worker stuck in a read
     try:
         for b in range(i, len(batches), n_workers):
             for j, sid in enumerate(batches[b].tolist()):
                 shard, key = samples.shards[samples.shard[sid]], samples.keys[sid]
+                if key == hang_on:
+                    time.sleep(3600)
                 try:
                     sample = reader.sample(int(samples.shard[sid]), int(samples.row[sid]))
                 except SampleError as e:
@@ -111,7 +116,7 @@ def _worker_init(seed: int, rank: int, worker_id: int) -> None:
     np.random.seed(mix_seed(seed, rank, worker_id) % 2**32)
 
 
-def _loader(dataset: _Stream, workers: int, pin: bool, seed: int, rank: int) -> DataLoader:
+def _loader(dataset: _Stream, workers: int, pin: bool, seed: int, rank: int, timeout: float = 0.0) -> DataLoader:
     workers = min(workers, len(dataset))
     dataset.samples.indexes.load_all()  # here, once: the workers inherit them
     spec, fork = dataset.spec, "fork" in multiprocessing.get_all_start_methods()
@@ -124,21 +129,50 @@ def _loader(dataset: _Stream, workers: int, pin: bool, seed: int, rank: int) -> 
         dataset, batch_size=None, num_workers=workers, pin_memory=pin,
         worker_init_fn=partial(_worker_init, seed, rank) if workers else None,
         prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
-        multiprocessing_context="fork" if dataset.pool is not None else None,
+        multiprocessing_context="fork" if dataset.pool is not None else None, timeout=timeout if workers else 0,
     )
 
 
 def train_loader(plan: DataPlan, spec: SampleSpec, rank: int, epoch: int, start_step: int = 0,
-                 pin: bool = False) -> DataLoader:
-    """This rank's micro-batches of ``epoch`` from optimizer step ``start_step`` on (exactly as planned)."""
+                 pin: bool = False, timeout: float = 0.0) -> DataLoader:
+    """This rank's micro-batches of ``epoch`` from optimizer step ``start_step`` on (exactly as planned);
+    ``timeout``: seconds the DataLoader waits for a batch from its workers (0 = forever)."""
     return _loader(TrainStream(plan, spec, rank, epoch, start_step), plan.workers, pin, mix_seed(plan.seed, epoch),
-                   rank)
+                   rank, timeout)
+
+
+def watched(loader: DataLoader, stop: StopRequest, timeout: float, where: str) -> Iterator[Batch]:
+    """The loader's batches, each wait for one marked in ``stop`` (a stop that finds the data stuck exits at
+    once, see ``dist_train.faults``); the loader's ``timeout`` becomes a DataStall naming the shards."""
+    it = iter(loader)
+    for b in range(len(loader.dataset)):
+        stop.waiting_since = time.monotonic()
+        try:
+            batch = next(it)
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise DataStall(f"no batch from the data loader for {timeout:g} s (--data-timeout): its workers were "
+                            f"reading {waited_for(loader, b)} of {where}; a shard may be on a stuck file system. "
+                            "Check it, then rerun the same command to resume from the last checkpoint") from None
+        finally:
+            stop.waiting_since = None
+        yield batch
+
+
+def waited_for(loader: DataLoader, b: int) -> str:
+    """What batch ``b`` of ``loader`` holds: its shards and first keys (for a message about a stuck read)."""
+    samples, ids = loader.dataset.samples, loader.dataset.batches[b].tolist()
+    shards = sorted({samples.shards[samples.shard[sid]].name for sid in ids})
+    keys = [samples.keys[sid] for sid in ids[:3]]
+    return f"shard(s) {', '.join(shards)} (samples {', '.join(keys)}{', ...' if len(ids) > 3 else ''})"
 
 
 def eval_loader(samples: Samples, ids: np.ndarray, spec: SampleSpec, rank: int, world_size: int, batch_size: int,
-                workers: int, pin: bool = False, bad_shards: dict[str, str] | None = None) -> DataLoader | list:
+                workers: int, pin: bool = False, bad_shards: dict[str, str] | None = None,
+                timeout: float = 0.0) -> DataLoader | list:
     """This rank's contiguous share of samples ``ids`` (an empty list when it has none)."""
     mine = ids[eval_share(len(ids), rank, world_size).start:eval_share(len(ids), rank, world_size).stop]
     if len(mine) == 0:
         return []
-    return _loader(EvalStream(samples, mine, spec, batch_size, bad_shards), workers, pin, 0, rank)
+    return _loader(EvalStream(samples, mine, spec, batch_size, bad_shards), workers, pin, 0, rank, timeout)

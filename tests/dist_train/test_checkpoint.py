@@ -40,8 +40,9 @@ def test_find_resume_passes_over_damaged_files_and_tmp_is_cleaned(tmp_path, mode
     newest.write_bytes(b"half a checkpoint")  # e.g. copied by hand and cut off
     (tmp_path / "last.pt.tmp").write_bytes(b"partial")
     (tmp_path / ckpt_io.STEP_DIR / "step-00000010.pt.tmp").write_bytes(b"partial")
+    (tmp_path / "best.pt.node7-4242.tmp").write_bytes(b"partial")  # a writer's own temp name
     removed = ckpt_io.clean_tmp(tmp_path)
-    assert len(removed) == 2 and not list(tmp_path.rglob("*.tmp"))
+    assert len(removed) == 3 and not list(tmp_path.rglob("*.tmp"))
     path, problems = ckpt_io.find_resume(tmp_path)
     assert path == ckpt_io.step_path(tmp_path, 5)
     assert len(problems) == 1 and "step-00000009.pt" in problems[0]
@@ -103,3 +104,40 @@ def test_adopt_best_links_the_source_runs_best_only_when_it_is_the_one_the_state
     assert not ckpt_io.adopt_best(src / ckpt_io.LAST, {**last, "state": {"best_epoch": 2}}, other)
     assert not ckpt_io.adopt_best(tmp_path / "elsewhere" / "last.pt", last, other)
     assert not (other / ckpt_io.BEST).exists()
+
+
+def run_state(step: int, model, run_id: str, best_epoch: int, best_step: int) -> dict:
+    return {**state(step, model), "state": {"run_id": run_id, "best_epoch": best_epoch, "best_step": best_step}}
+
+
+def test_best_pt_is_written_between_the_step_checkpoint_and_last_pt(tmp_path, model, monkeypatch):
+    written = []
+    save, link = ckpt_io.atomic_save, ckpt_io._link_atomic
+    monkeypatch.setattr(ckpt_io, "atomic_save", lambda obj, path: written.append(path.name) or save(obj, path))
+    monkeypatch.setattr(ckpt_io, "_link_atomic", lambda src, dst: written.append(dst.name) or link(src, dst))
+    ckpt_io.save_last(run_state(6, model, "r1", 2, 6), tmp_path, keep_last=3, best=True)
+    assert written == ["step-00000006.pt", "best.pt", "last.pt"]
+
+
+def test_a_kill_before_best_pt_was_written_is_repaired_from_the_newest_checkpoint(tmp_path, model):
+    ckpt_io.save_last(run_state(6, model, "r1", 2, 6), tmp_path, keep_last=3, best=True)
+    # Epoch 3 was better: its step checkpoint was written, then the run was killed before best.pt.
+    newest = run_state(8, model, "r1", 3, 8)
+    ckpt_io.atomic_save(newest, ckpt_io.step_path(tmp_path, 8))
+    path, _ = ckpt_io.find_resume(tmp_path)
+    assert path == ckpt_io.step_path(tmp_path, 8)
+    assert ckpt_io.adopt_best(path, ckpt_io.load_checkpoint(path), tmp_path)
+    assert ckpt_io.load_checkpoint(tmp_path / ckpt_io.BEST)["step"] == 8
+    aside = list(tmp_path.glob("best-unmatched-*.pt"))  # the older best.pt is kept, never used
+    assert len(aside) == 1 and ckpt_io.load_checkpoint(aside[0])["step"] == 6
+
+
+def test_a_best_pt_of_another_run_is_never_adopted(tmp_path, model):
+    src, out = tmp_path / "src", tmp_path / "out"
+    ckpt_io.save_last(run_state(4, model, "mine", 1, 4), src, keep_last=3, best=True)
+    last = ckpt_io.save_last(run_state(6, model, "mine", 1, 4), src, keep_last=3)
+    ckpt_io.save_best(run_state(4, model, "someone-else", 1, 4), out)  # same epoch and step, another run
+    assert ckpt_io.adopt_best(last, ckpt_io.load_checkpoint(last), out)  # --resume src/last.pt into out
+    assert ckpt_io.load_checkpoint(out / ckpt_io.BEST)["state"]["run_id"] == "mine"
+    assert [ckpt_io.load_checkpoint(p)["state"]["run_id"] for p in out.glob("best-unmatched-*.pt")] == ["someone-else"]
+    assert not ckpt_io.best_matches(ckpt_io.load_checkpoint(src / ckpt_io.BEST), run_state(6, model, "mine", 2, 6))

@@ -272,11 +272,13 @@ def test_batched_gpu_path_matches_the_cpu_path_on_cpu(sample_shards, monkeypatch
     gpu_spec = data.SampleSpec(m.n_frames, m.num_classes, cpu_spec.transform, "skip", decode="gpu")
     plan = plan_for(m, batch=3, seed=4)
     samples, ids = plan.eval_set("test")
-    make = (lambda s: data.train_loader(plan, s, 0, 0)) if train else (lambda s: data.eval_loader(samples, ids, s, 0, 1, 3, 0))
+    make = ((lambda s: data.train_loader(plan, s, 0, 0)) if train
+            else (lambda s: data.eval_loader(samples, ids, s, 0, 1, 3, 0)))
     cpu_batches, gpu_batches = list(make(cpu_spec)), list(make(gpu_spec))
     assert len(cpu_batches) == len(gpu_batches) > 0
     calls = []
-    monkeypatch.setattr(data.batches, "_decode_batch", lambda flat, device: calls.append(len(flat)) or data.decode_jpegs(flat))
+    monkeypatch.setattr(data.device, "_decode_batch",
+                        lambda flat, device: calls.append(len(flat)) or data.decode_jpegs(flat))
     for c, g in zip(cpu_batches, gpu_batches):
         video, labels, keys, bad = data.materialize(g, gpu_spec, torch.device("cpu"))
         ref, ref_labels, ref_keys, _ = data.materialize(c, cpu_spec, torch.device("cpu"))
@@ -289,7 +291,7 @@ def test_batched_gpu_path_matches_the_cpu_path_on_cpu(sample_shards, monkeypatch
             assert diff.max() == 0
     assert len(calls) == len(gpu_batches)  # one decode call per batch
     # Off CUDA (no batched decode) materialize makes the CPU path's clips exactly.
-    monkeypatch.setattr(data.batches, "_decode_batch", lambda flat, device: None)
+    monkeypatch.setattr(data.device, "_decode_batch", lambda flat, device: None)
     video = data.materialize(gpu_batches[0], gpu_spec, torch.device("cpu")).video
     assert torch.equal(video, data.materialize(cpu_batches[0], cpu_spec, torch.device("cpu")).video)
 

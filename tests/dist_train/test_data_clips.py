@@ -38,7 +38,8 @@ def test_to_model_input_layouts():
     video = torch.full((2, 4, 3, 8, 8), 255, dtype=torch.uint8)
     x = data.to_model_input(video, "BTCHW", data.IMAGENET_STATS)
     assert x.shape == (2, 4, 3, 8, 8)
-    assert torch.allclose(x[0, 0, :, 0, 0], (1 - torch.tensor(data.IMAGENET_STATS[0])) / torch.tensor(data.IMAGENET_STATS[1]))
+    mean, std = torch.tensor(data.IMAGENET_STATS[0]), torch.tensor(data.IMAGENET_STATS[1])
+    assert torch.allclose(x[0, 0, :, 0, 0], (1 - mean) / std)
     assert data.to_model_input(video, "BCTHW", data.KINETICS_STATS).shape == (2, 3, 4, 8, 8)
 
 
@@ -149,7 +150,8 @@ def test_make_clip_writes_into_out_and_is_deterministic(sample_shards):
     clip = data.make_clip(frames, t, 11, out=out)
     assert clip.shape == (len(frames), 3, 24, 24) and clip.dtype == torch.uint8
     assert np.shares_memory(clip.numpy(), out)
-    assert torch.equal(clip, data.make_clip(frames, t, 11)) and torch.equal(clip, t(torch.stack(data.decode_jpegs(frames)), 11))
+    assert torch.equal(clip, data.make_clip(frames, t, 11))
+    assert torch.equal(clip, t(torch.stack(data.decode_jpegs(frames)), 11))
     with pytest.raises(ValueError, match="different sizes"):
         other = torch.zeros(3, 8, 8, dtype=torch.uint8)
         from torchvision.io import encode_jpeg

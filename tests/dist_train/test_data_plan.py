@@ -51,7 +51,8 @@ def test_layout_splits_the_global_batch(world, batch, accum, global_batch, want)
 
 
 def test_layout_refuses_a_global_batch_that_does_not_split_naming_what_fits():
-    with pytest.raises(ValueError, match=r"--global-batch 12 does not split evenly over 5 processes: start 1, 2, 3, 4, 6, 12"):
+    with pytest.raises(ValueError, match=r"--global-batch 12 does not split evenly over 5 processes: "
+                                         r"start 1, 2, 3, 4, 6, 12"):
         data.resolve_layout(5, 2, 1, 12)
 
 

@@ -329,7 +329,8 @@ def test_a_missing_shard_cannot_be_opened(sample_shards, shards):
 def test_a_missing_index_is_inferred_from_the_tar_with_a_warning(sample_shards, shards):
     (shards / "train-000001.idx").unlink()
     _, reader = reader_for(shards)
-    with pytest.warns(UserWarning, match=r"no index file train-000001\.idx, inferring the index from the tar.*preprocess.index"):
+    with pytest.warns(UserWarning, match=r"no index file train-000001\.idx, "
+                                         r"inferring the index from the tar.*preprocess.index"):
         got = outcomes(reader, 1)
     assert got == originals(sample_shards)[1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from dist_train import checkpoint as ckpt_io
 from dist_train.checkpoint import load_model
 from dist_train.config import TrainConfig
-from dist_train.export import INPUT, MissingExtra, export, main, sample_input
+from dist_train.export import INPUT, MissingExtra, ParityError, export, main, sample_input
 from dist_train.models import build_model, input_layout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,8 +49,9 @@ def test_export_matches_eager(tmp_path, name, fmt, kw):
     model = build_model(name, 5, **kw).train()  # export must switch dropout/BatchNorm to eval itself
     x = sample_input(name, 2, 4, 32)
     out = tmp_path / f"model.{fmt}"
-    diff = export(model, input_layout(name), x, fmt, out)
-    assert diff < 1e-4
+    check = export(model, input_layout(name), x, fmt, out)
+    assert check.diff < 1e-4 and check.tol >= 1e-4
+    assert [f.name for f in tmp_path.iterdir()] == [out.name]  # no temporary file left
     assert model.training  # the caller's model is left as it was
 
     # Independently of export()'s own check: load the file and compare on a new batch size.
@@ -154,6 +156,106 @@ def test_module_runs_as_a_command(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "max |exported - eager|" in p.stdout and out.is_file()
     assert "Warning" not in p.stderr  # torch.jit's deprecation notices are kept out of the user's way
+
+
+class BatchDependent(torch.nn.Module):
+    """Real code that tracing cannot capture: a Python branch on the batch size, frozen at trace time."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        y = self.fc(x.mean((1, 3, 4)))
+        return y if x.shape[0] == 1 else -y
+
+
+def test_a_failed_parity_check_keeps_no_file(tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the previous export")
+    with pytest.raises(ParityError, match=r"m\.pt: the exported torchscript model differs .* nothing was written"):
+        export(BatchDependent(), "BTCHW", sample_input("cnn_rnn", 1, 2, 8), "torchscript", out)
+    assert out.read_bytes() == b"the previous export" and list(tmp_path.iterdir()) == [out]
+
+
+def test_export_replaces_out_without_touching_its_other_links(tmp_path):
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"another name of the same file")
+    out = tmp_path / "m.pt"
+    os.link(other, out)
+    export(build_model("cnn_rnn", 3, hidden=8), "BTCHW", sample_input("cnn_rnn", 1, 2, 32), "torchscript", out)
+    assert other.read_bytes() == b"another name of the same file" and not os.path.samefile(other, out)
+    torch.jit.load(str(out))
+
+
+def test_cli_failed_check_exits_1_and_writes_nothing(tmp_path, capsys):
+    needs_onnx("onnx")  # onnxruntime's float arithmetic is not torch's: a zero tolerance fails
+    path, _, _ = write_checkpoint(tmp_path, hidden_size=8)
+    out = tmp_path / "export" / "m.onnx"
+    assert main(["--checkpoint", str(path), "--format", "onnx", "--out", str(out), "--frames", "2",
+                 "--atol", "0", "--rtol", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"export: check failed: {out}: the exported onnx model differs" in err and "nothing was written" in err
+    assert list(out.parent.iterdir()) == []
+
+
+def _run_folder(tmp_path) -> Path:
+    """A run folder as the trainer leaves it: best.pt, and last.pt hard-linked to the step checkpoint."""
+    best, _, _ = write_checkpoint(tmp_path, hidden_size=8)
+    ckpt_io.save_last(ckpt_io.load_checkpoint(best), best.parent, keep_last=2)
+    return best.parent
+
+
+def _files(root: Path) -> dict:
+    """Every name under ``root`` with its inode, size and modification time: a replaced or rewritten file shows."""
+    return {p: (s.st_ino, s.st_size, s.st_mtime_ns) for p in sorted(root.rglob("*")) for s in [p.lstat()]}
+
+
+STEP = f"{ckpt_io.STEP_DIR}/step-00000010.pt"
+
+
+@pytest.fixture(scope="module")
+def links(tmp_path_factory) -> Path:
+    """A run folder, a folder with a checkpoint that is no run folder, and links to their checkpoints."""
+    tmp = tmp_path_factory.mktemp("links")
+    run = _run_folder(tmp)
+    (tmp / "plain").mkdir()
+    os.link(run / "best.pt", tmp / "plain" / "model.pt")
+    os.link(run / "best.pt", tmp / "plain" / "hardlink.json")  # what --out plain/hardlink writes as metadata
+    (tmp / "elsewhere").mkdir()
+    os.link(run / STEP, tmp / "elsewhere" / "hardlink.pt")
+    os.symlink(run / "best.pt", tmp / "elsewhere" / "symlink.pt")
+    return tmp
+
+
+@pytest.mark.parametrize("checkpoint, out, why", [
+    ("run/best.pt", "run/last.pt", "in run folder"),  # last.pt is a hard link of the step checkpoint
+    ("run/last.pt", "run/last.pt", "in run folder"),
+    ("run/best.pt", f"run/{STEP}", "in run folder"),
+    ("run/best.pt", "run/model.pt", "in run folder"),
+    ("run/best.pt", "elsewhere/hardlink.pt", "which is the checkpoint {tmp}/run/last.pt (the same file, through"),
+    ("run/best.pt", "elsewhere/symlink.pt", "which is the checkpoint {tmp}/run/best.pt (the same file, through"),
+    ("plain/model.pt", "plain/model.pt", "which is the checkpoint {tmp}/plain/model.pt (the same file)"),
+    ("plain/model.pt", "plain/hardlink", "which is the checkpoint {tmp}/plain/model.pt (the same file, through"),
+], ids=["last.pt", "the-checkpoint", "a-step-checkpoint", "a-new-pt", "hard-link", "symlink", "outside-runs",
+        "its-json-is-a-link"])
+def test_export_refuses_to_overwrite_a_checkpoint(links, capsys, checkpoint, out, why):
+    tmp_path = links
+    before = _files(tmp_path)
+    code = main(["--checkpoint", str(tmp_path / checkpoint), "--format", "torchscript", "--out", str(tmp_path / out),
+                 "--frames", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"export: refused: --out {tmp_path / out}" in err and why.format(tmp=tmp_path) in err, err
+    assert _files(tmp_path) == before
+
+
+def test_the_suggested_place_in_a_run_folder_is_allowed(tmp_path, capsys):
+    run = _run_folder(tmp_path)
+    args = ["--checkpoint", str(run / "last.pt"), "--format", "torchscript", "--frames", "2"]
+    assert main([*args, "--out", str(run / "model.pt")]) == 2
+    suggested = run / "export" / "model.pt"
+    assert f"e.g. --out {suggested}" in capsys.readouterr().err
+    assert main([*args, "--out", str(suggested)]) == 0 and suggested.is_file()
 
 
 @pytest.mark.slow

@@ -201,7 +201,8 @@ def test_stop_on_the_last_step_of_epoch_1_then_resume_equals_uninterrupted(sampl
     in the uninterrupted run but with rank 0's (from the checkpoint) after the resume."""
     out = tmp_path / "run"
     args = ["--shards", str(sample_shards), "--out", str(out), *BASE]
-    code, output = launch(args, tmp_path / "stop.txt", env={"DIST_TRAIN_TEST_STOP_AT_STEP": str(STEPS_PER_EPOCH)})
+    code, output = launch(args, tmp_path / "stop.txt",
+                          env={"DIST_TRAIN_FAULT_INJECTION": "1", "DIST_TRAIN_TEST_STOP_AT_STEP": str(STEPS_PER_EPOCH)})
     assert code == TORCHRUN_STOPPED, output[-4000:]
     assert worker_exit_codes(output) == {0: 75, 1: 75}, output[-3000:]  # both workers: "stopped to be resumed"
     st = status(out)
@@ -237,7 +238,7 @@ def test_sigkill_of_a_worker_under_max_restarts_resumes_from_the_last_checkpoint
     out = tmp_path / "run"
     args = ["--shards", str(sample_shards), "--out", str(out), *BASE, "--ckpt-every-steps", "2", "--trace-samples"]
     code, output = launch(args, tmp_path / "log.txt", launcher=["--max-restarts=2"],
-                          env={"DIST_TRAIN_TEST_KILL_AT_STEP": "5:1"})
+                          env={"DIST_TRAIN_FAULT_INJECTION": "1", "DIST_TRAIN_TEST_KILL_AT_STEP": "5:1"})
     assert code == 0, output[-4000:]
     assert output.count("fresh start") == 1
     assert resumed_line(output) == (str(ckpt_io.step_path(out, 4)), 2, 4)
@@ -274,7 +275,8 @@ def signal_chain(sample_shards, tmp_path_factory) -> dict:
         log, tree = tmp / f"leg{i}.txt", []
         before = ckpt_io.load_checkpoint(out / "last.pt")["step"] if (out / "last.pt").is_file() else 0
         # 1 s after every step: the signal lands while the step after the first new one is running.
-        proc = start_trainer(args, log, env={**env, "DIST_TRAIN_TEST_STEP_DELAY": "1"},
+        proc = start_trainer(args, log, env={**env, "DIST_TRAIN_FAULT_INJECTION": "1",
+                                             "DIST_TRAIN_TEST_STEP_DELAY": "1"},
                              launcher=SIGNALS_TO_HANDLE if sig == "SIGUSR1" and target == "torchrun" else [])
         try:
             wait_for(lambda b=before: any(s > b for s in train_steps_logged(out)), 150, f"a step after {before}",
@@ -292,7 +294,8 @@ def signal_chain(sample_shards, tmp_path_factory) -> dict:
         # Loaded now: later legs prune old step checkpoints (--keep-last).
         ck = ckpt_io.load_checkpoint(st["checkpoint"]) if st.get("checkpoint") else {}  # weights_only=True
         legs.append({"target": target, "signal": sig, "before": before, "code": code, "seconds": seconds,
-                     "output": log.read_text(), "status": st, "last_step": ckpt_io.load_checkpoint(out / "last.pt")["step"],
+                     "output": log.read_text(), "status": st,
+                     "last_step": ckpt_io.load_checkpoint(out / "last.pt")["step"],
                      "ckpt": {k: ck.get(k) for k in ("step", "epoch", "step_in_epoch")}})
     code, output = launch(args, tmp / "final.txt", env=env)
     return {"out": out, "wandb_dir": wandb_dir, "legs": legs, "final": (code, output)}
@@ -355,19 +358,21 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_cleans_t
     out = tmp_path / "run"
     args = ["--shards", str(sample_shards), "--out", str(out), *BASE]
     log = tmp_path / "killed.txt"
-    proc = start_trainer([*args, "--ckpt-every-steps", "2"], log, env={"DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME": "2"})
-    torn = ckpt_io.step_path(out, 4).with_name("step-00000004.pt.tmp")
+    proc = start_trainer([*args, "--ckpt-every-steps", "2"], log,
+                         env={"DIST_TRAIN_FAULT_INJECTION": "1", "DIST_TRAIN_TEST_PAUSE_BEFORE_RENAME": "2"})
+    torn = f"checkpoint-tmp-written {ckpt_io.step_path(out, 4)}."  # NAME.<host>-<pid>.tmp: one per writer
     try:  # steps 2 and 3 save whole checkpoints (each write pausing 2 s); step 4's is killed mid-write
-        wait_for(lambda: f"checkpoint-tmp-written {torn}" in log.read_text(), 180, "step 4's temp file", proc, log)
+        wait_for(lambda: torn in log.read_text(), 180, "step 4's temp file", proc, log)
     finally:
         kill_tree(proc)
-    assert torn.is_file() and not ckpt_io.step_path(out, 4).exists()
+    assert len(list(out.glob("checkpoints/step-00000004.pt.*.tmp"))) == 1 and not ckpt_io.step_path(out, 4).exists()
     assert ckpt_io.load_checkpoint(out / "last.pt")["step"] == 3  # the previous checkpoint, intact
     assert ckpt_io.find_resume(out) == (ckpt_io.step_path(out, 3), [])
 
     # Resumed without step checkpoints and stopped after step 5: step 4 is never written again, so the
     # .tmp is gone because the start-up cleaned it, not because a later write replaced it.
-    code, output = launch(args, tmp_path / "resume.txt", env={"DIST_TRAIN_TEST_STOP_AT_STEP": "5"})
+    code, output = launch(args, tmp_path / "resume.txt",
+                          env={"DIST_TRAIN_FAULT_INJECTION": "1", "DIST_TRAIN_TEST_STOP_AT_STEP": "5"})
     assert code == TORCHRUN_STOPPED, output[-4000:]
     assert resumed_line(output) == (str(ckpt_io.step_path(out, 3)), 2, 3)
     assert not list(out.rglob("*.tmp")) and not ckpt_io.step_path(out, 4).exists()
@@ -481,7 +486,8 @@ def test_resume_never_overwrite_starts_fresh_in_a_folder_with_checkpoints(sample
     shutil.copytree(reference, out)
     assert len(list((out / "checkpoints").glob("step-*.pt"))) == 3
     code, output = launch(["--shards", str(sample_shards), "--out", str(out), *BASE, "--resume", "never",
-                           "--overwrite"], tmp_path / "log.txt", nproc=None, env={"DIST_TRAIN_TEST_STOP_AT_STEP": "1"})
+                           "--overwrite"], tmp_path / "log.txt", nproc=None,
+                          env={"DIST_TRAIN_FAULT_INJECTION": "1", "DIST_TRAIN_TEST_STOP_AT_STEP": "1"})
     assert code == 75, output[-4000:]
     assert "fresh start" in output and "resumed from" not in output
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001.pt"]

@@ -40,9 +40,9 @@ def test_gpu_decode_matches_cpu_decode(sample_shards):
 ])
 def test_trains_on_one_gpu_under_torchrun(sample_shards, tmp_path, flags):
     out = tmp_path / "run"
-    proc = check(run_trainer(["--shards", str(sample_shards), "--out", str(out), "--img-size", "64", "--batch-size", "4",
-                              "--epochs", "2", "--workers", "2", "--val-fraction", "0", "--wandb", "disabled",
-                              "--no-progress", *flags], nproc=1, timeout=400))
+    proc = check(run_trainer(["--shards", str(sample_shards), "--out", str(out), "--img-size", "64",
+                              "--batch-size", "4", "--epochs", "2", "--workers", "2", "--val-fraction", "0",
+                              "--wandb", "disabled", "--no-progress", *flags], nproc=1, timeout=400))
     assert "(nccl)" in proc.stderr
     res = results(out)
     assert res["n_samples"] == load_manifest(sample_shards).count("test") and res["steps_per_rank"] == [8]

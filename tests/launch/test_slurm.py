@@ -111,7 +111,7 @@ def test_stop_signal_checkpoints_requeues_and_resumes(slurm_cluster, sample_shar
     # passes it on. TERM to the job steps reaches torchrun and the workers directly (the batch shell sees
     # nothing) and the script decides from status.json. A second per step lets the signal land mid-epoch.
     name = f"preempt{sig.lower()}"
-    env = _job_env(slurm_cluster, DIST_TRAIN_TEST_STEP_DELAY="1")
+    env = _job_env(slurm_cluster, DIST_TRAIN_FAULT_INJECTION="1", DIST_TRAIN_TEST_STEP_DELAY="1")
     job = slurm_cluster.sbatch([*CPU_JOB, f"--job-name={name}", str(TRAIN), "--shards", str(sample_shards),
                                 "--wandb", "offline", *TINY], env=env, cwd=tmp_path)
     log_file = tmp_path / f"slurm-{name}-{job}.out"

@@ -82,7 +82,8 @@ def _tarfile_bytes(samples) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, frames, label, meta in samples:
             members = list(zip(fmt.frame_fields(len(frames)), frames))
-            members += [(fmt.LABEL_FIELD, str(label).encode()), (fmt.META_FIELD, json.dumps(meta, sort_keys=True).encode())]
+            members += [(fmt.LABEL_FIELD, str(label).encode()),
+                        (fmt.META_FIELD, json.dumps(meta, sort_keys=True).encode())]
             for name, data in members:
                 info = tarfile.TarInfo(f"{key}.{name}")
                 info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
@@ -137,16 +138,22 @@ def test_interrupted_run_leaves_nothing_that_looks_complete_and_rerun_matches(tm
     out = tmp_path / "out"
     p = subprocess.Popen(_pack_cmd(videos, out, "--shard-size", "2", "--workers", "1"), cwd=REPO)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(out.glob("*.tar"))) < 2:
+    while time.monotonic() < deadline and len(list(out.glob(".staging-*/*.tar"))) < 2:
         time.sleep(0.02)
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
-    assert list(out.glob("*.tar")), "packer was killed before it wrote a shard; test needs more videos"
-    assert not (out / fmt.MANIFEST_NAME).exists()  # no manifest: the folder is not a usable shard set
-    for t in out.glob("*.tar"):  # every file named like a shard is a complete tar
+    staged = list(out.glob(".staging-*/*.tar"))
+    assert staged, "packer was killed before it wrote a shard; test needs more videos"
+    # Shards are built in a staging folder: nothing in the output folder looks like a shard set.
+    assert not (out / fmt.MANIFEST_NAME).exists() and not list(out.glob("*.tar"))
+    for t in staged:  # every file named like a shard is a complete tar
         with tarfile.open(t) as tf:
             assert len(tf.getnames()) == 2 * 18
-    subprocess.run(_pack_cmd(videos, out, "--shard-size", "2", "--workers", "2"), check=True, timeout=300, cwd=REPO)
+    r = subprocess.run(_pack_cmd(videos, out, "--shard-size", "2", "--workers", "2"), capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "taking over the stale lock" in r.stderr  # the killed packer's lock
+    # The killed run's staging folder and lock are gone; the set is the same as an uninterrupted run's.
     assert sorted(x.name for x in out.iterdir()) == sorted(x.name for x in ref.iterdir())
     for x in ref.iterdir():
         assert (out / x.name).read_bytes() == x.read_bytes(), x.name
@@ -158,12 +165,12 @@ def test_sigint_aborts_cleanly(tmp_path):
     p = subprocess.Popen(_pack_cmd(videos, out, "--shard-size", "1000", "--workers", "1"), cwd=REPO,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(out.glob("*.tmp")):
+    while time.monotonic() < deadline and not list(out.glob(".staging-*/*.tmp")):
         time.sleep(0.02)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted" in err
-    assert not list(out.glob("*.tmp")) and not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+    assert p.returncode == 130 and "interrupted" in err and "no complete shard set" in err
+    assert list(out.iterdir()) == []  # no temporary file, staging folder or lock left
 
 
 def test_manifest_records_arguments_and_metadata(sample_shards):

@@ -1,0 +1,166 @@
+"""Run one function over many tasks in worker processes that may crash or hang.
+
+Each worker holds one task at a time, so the parent always knows which task a worker is on:
+
+- a worker that dies (an FFmpeg segfault, an out-of-memory kill) gives ``Failed("decoder crashed ...")``
+  for the task it held and is replaced; the other workers and their tasks go on;
+- a task that runs past the time limit gives ``Failed(...)`` naming the limit, and its worker is killed
+  (SIGKILL) and replaced: nothing hangs.
+
+Results come back in task order, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.connection import wait
+
+_READY = "ready"
+
+# Test-only hooks (tests/preprocess/test_protect.py): a worker that is given the video of this file name
+# kills itself with SIGSEGV (as an FFmpeg crash would) or hangs (as a stuck decoder would) until it is
+# killed or the packer is gone. They act only when FAULT_INJECTION=1 is set too, so a stray variable
+# cannot harm a real run.
+TEST_CRASH_ON = "PREPROCESS_TEST_CRASH_ON"
+TEST_HANG_ON = "PREPROCESS_TEST_HANG_ON"
+FAULT_INJECTION = "PREPROCESS_FAULT_INJECTION"
+
+
+def apply_test_hooks(file_name: str) -> None:
+    """Test-only: crash or hang this worker process when ``file_name`` is the one a hook names."""
+    if os.environ.get(FAULT_INJECTION) != "1":
+        return
+    if file_name == os.environ.get(TEST_CRASH_ON):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if file_name == os.environ.get(TEST_HANG_ON):
+        parent = os.getppid()
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(1)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A task that gave no result; ``reason`` says why (fit for a skip report)."""
+
+    reason: str
+
+
+def _serve(conn, fn: Callable, init: Callable, init_args: tuple) -> None:
+    """Worker process: run ``fn`` on each task received until the parent sends None or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
+    init(*init_args)
+    try:
+        conn.send(_READY)
+        while (task := conn.recv()) is not None:
+            conn.send(fn(*task))
+    except (EOFError, OSError):  # the parent is gone (killed): nothing to report to
+        return
+
+
+class _Worker:
+    def __init__(self, ctx, fn: Callable, init: Callable, init_args: tuple):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, fn, init, init_args), daemon=True)
+        self.proc.start()
+        child.close()
+        self.ready = False
+        self.pos: int | None = None  # the task it holds
+        self.deadline = 0.0
+
+    def give(self, pos: int, task: tuple, timeout: float) -> None:
+        self.conn.send(task)
+        self.pos, self.deadline = pos, time.monotonic() + timeout
+
+    def death(self) -> str:
+        """How the process ended, e.g. ``killed by SIGSEGV``."""
+        self.proc.join(5)
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    def stop(self, kill: bool) -> None:
+        if not kill:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(2)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+def run_guarded(fn: Callable, tasks: Sequence[tuple], workers: int, timeout: float, init: Callable,
+                init_args: tuple = ()) -> Iterator:
+    """``fn(*task)`` for each task, in order, from ``workers`` processes started with ``init(*init_args)``;
+    a task that crashed its worker or ran past ``timeout`` seconds gives a ``Failed``."""
+    ctx = get_context("spawn")
+    done: dict[int, object] = {}
+    window = 4 * workers  # results held ahead of the one awaited: bounds memory
+    pool = [_Worker(ctx, fn, init, init_args) for _ in range(min(workers, len(tasks)))]
+    next_in = next_out = 0
+    try:
+        while next_out < len(tasks):
+            for w in pool:
+                if w.ready and w.pos is None and next_in < min(len(tasks), next_out + window):
+                    w.give(next_in, tasks[next_in], timeout)
+                    next_in += 1
+            _wait(pool)
+            for i, w in enumerate(pool):
+                if _collect(w, done, timeout):  # gone: replaced while tasks are left to give out
+                    pool[i] = _Worker(ctx, fn, init, init_args) if next_in < len(tasks) else None
+            pool = [w for w in pool if w is not None]
+            while next_out in done:
+                result = done.pop(next_out)
+                next_out += 1
+                yield result
+    finally:
+        for w in pool:
+            w.stop(kill=next_out < len(tasks))  # idle workers are asked to stop, busy ones killed
+
+
+def _wait(pool: list[_Worker]) -> None:
+    """Block until a worker answers or dies, or the nearest deadline passes."""
+    busy = [w.deadline for w in pool if w.pos is not None]
+    timeout = max(0.0, min(busy) - time.monotonic()) if busy else None
+    wait([w.conn for w in pool] + [w.proc.sentinel for w in pool], timeout)
+
+
+def _collect(w: _Worker, done: dict, timeout: float) -> bool:
+    """Take what worker ``w`` has to give; True when it is gone (died or was killed) and must be replaced."""
+    try:
+        if w.conn.poll():
+            msg = w.conn.recv()
+            if msg == _READY and w.pos is None and not w.ready:
+                w.ready = True
+            else:
+                done[w.pos], w.pos = msg, None
+            return False
+    except (EOFError, OSError):
+        pass  # died: the pipe closed
+    else:
+        if w.proc.is_alive():
+            if w.pos is None or time.monotonic() < w.deadline:
+                return False
+            w.proc.kill()
+            done[w.pos] = Failed(f"took longer than the --video-timeout of {timeout:g} s; its worker was stopped")
+            w.stop(kill=True)
+            return True
+    how = w.death()
+    if w.pos is None:
+        if not w.ready:
+            raise RuntimeError(f"a worker process failed to start ({how}); see the error above")
+        return True
+    done[w.pos] = Failed(f"decoder crashed: the worker process died ({how}) on this video")
+    w.stop(kill=True)
+    return True
