@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    from dist_train.train import run  # after parsing: --help and config errors stay fast
+    from dist_train.data import BadDataError  # after parsing: --help and config errors stay fast
+    from dist_train.faults import DataStall
+    from dist_train.train import run
+    from preprocess.shard_format import FormatError
 
     try:
         code = run(cfg)
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_CONFIG
+    except (FormatError, BadDataError, DataStall) as e:  # a data error: the message names the file and what to do
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_ERROR
+        release_frames(e)
     except KeyboardInterrupt as e:
         print("interrupted: no checkpoint written beyond the last one", file=sys.stderr)
         code = EXIT_INTERRUPTED

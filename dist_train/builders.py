@@ -17,6 +17,7 @@ from dist_train import checkpoint as ckpt_io
 from dist_train import data, evaluation
 from dist_train.config import TrainConfig
 from dist_train.distributed import DistInfo, all_gather_object
+from dist_train.faults import ConfigError
 from dist_train.models import build_model, input_layout, trunk_parameters
 from dist_train.step import Stepper
 
@@ -90,7 +91,10 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
 def make_plan(cfg: TrainConfig, manifest, info: DistInfo, global_batch: int | None, fixed: bool) -> data.DataPlan:
     """The data plan (``fixed``: a resume keeps ``global_batch``); ``--verify-shards`` first finds the bad
     shards, each rank checking its share on its own node's copy."""
-    layout = data.resolve_layout(info.world_size, cfg.batch_size, cfg.accum_steps, global_batch, fixed=fixed)
+    try:
+        layout = data.resolve_layout(info.world_size, cfg.batch_size, cfg.accum_steps, global_batch, fixed=fixed)
+    except ValueError as e:  # a global batch that does not split over these processes: the flags' doing
+        raise ConfigError(str(e)) from e
     bad_shards = {}
     if cfg.verify_shards:
         found = all_gather_object(data.verify_shards(manifest, part=(info.rank, info.world_size)))
@@ -99,8 +103,11 @@ def make_plan(cfg: TrainConfig, manifest, info: DistInfo, global_batch: int | No
             data.bad_record(cfg.on_bad_sample, name, None, reason)  # raises under --on-bad-sample error
             if info.is_main:
                 log.info(f"--verify-shards: skipping shard {name}: {reason}")
-    return data.make_plan(manifest, layout, data.resolve_workers(cfg.workers), cfg.seed, cfg.val_fraction,
-                          cfg.shuffle_window, bad_shards)
+    try:
+        return data.make_plan(manifest, layout, data.resolve_workers(cfg.workers), cfg.seed, cfg.val_fraction,
+                              cfg.shuffle_window, bad_shards)
+    except ValueError as e:  # a step needs more clips than the split has: --batch-size, --val-fraction, ...
+        raise ConfigError(str(e)) from e
 
 
 def sample_specs(cfg: TrainConfig, n_frames: int, n_classes: int) -> tuple[data.SampleSpec, data.SampleSpec]:

@@ -58,11 +58,11 @@ REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "confi
 log = logging.getLogger("dist_train")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(faults.ConfigError):
     """A checkpoint does not fit the model or data of this run; the message says what differs."""
 
 
-class CheckpointVersionError(ValueError):
+class CheckpointVersionError(faults.ConfigError):
     """A whole checkpoint written by another version of dist_train: never passed over silently."""
 
 

@@ -40,11 +40,11 @@ DATA_FIELDS = ("seed", "val_fraction", "shuffle_window")
 
 
 def choose_checkpoint(cfg: TrainConfig, out: Path, info: DistInfo) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start); ValueError saying what to do when refused."""
+    """The checkpoint to resume from (None: a fresh start); ConfigError saying what to do when refused."""
     answer = _choose(cfg, out) if info.is_main else None
     kind, value = broadcast_object(answer)
     if kind == "error":
-        raise ValueError(value)
+        raise ConfigError(value)
     return Path(value) if value else None
 
 
@@ -73,22 +73,22 @@ def _choose(cfg: TrainConfig, out: Path) -> tuple[str, str | None]:
 
 def kept_global_batch(cfg: TrainConfig, ckpt: dict | None, digest: str) -> int | None:
     """The global batch this run must use: the checkpoint's (refusing a different ``--global-batch``, data
-    order flags or shard set) or ``--global-batch`` on a fresh start."""
+    order flags or shard set: ConfigError) or ``--global-batch`` on a fresh start."""
     if ckpt is None:
         return cfg.global_batch
     theirs = ckpt["config"]["global_batch"]
     if cfg.global_batch is not None and cfg.global_batch != theirs:
-        raise ValueError(f"the checkpoint was trained with --global-batch {theirs}, this run asks for "
+        raise ConfigError(f"the checkpoint was trained with --global-batch {theirs}, this run asks for "
                          f"{cfg.global_batch}: pass --global-batch {theirs} to continue it (the same samples in "
                          "the same order), or start a new run in another --out")
     changed = [f"--{k.replace('_', '-')} {ckpt['config'][k]} (this run: {getattr(cfg, k)})"
                for k in DATA_FIELDS if ckpt["config"][k] != getattr(cfg, k)]
     if changed:
-        raise ValueError(f"the checkpoint was trained with {', '.join(changed)}: pass the same values to "
+        raise ConfigError(f"the checkpoint was trained with {', '.join(changed)}: pass the same values to "
                          "continue it (its data order and validation set depend on them), or start a new "
                          "run in another --out")
     if ckpt["data"].get("digest") != digest:
-        raise ValueError(f"{cfg.shards} is not the shard set the checkpoint was trained on (its manifest's "
+        raise ConfigError(f"{cfg.shards} is not the shard set the checkpoint was trained on (its manifest's "
                          "training shards differ: re-packed?): resume on those shards, or start a new run "
                          "in another --out")
     return theirs

@@ -66,20 +66,22 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.info, self.out = info, Path(cfg.out)
+        # Configuration errors raise ConfigError (exit status 2) where they are found; any other error is a
+        # data error or a bug (exit status 1).
         try:
             manifest = load_manifest(cfg.shards)
-            cfg = replace(cfg, precision=builders.resolve_precision(cfg.precision, info.device),
-                          wandb=resolve_wandb_mode(cfg.wandb))
-            source = resume.choose_checkpoint(cfg, self.out, info)
-            ckpt = ckpt_io.load_checkpoint(source) if source else None
-            seed_everything(cfg.seed, info.rank)
-            model = builders.make_model(cfg, manifest.classes, ckpt, source)
-            # After the model: a checkpoint that does not fit says so before the data-plan checks.
-            self.data_digest = data.data_digest(manifest)
-            self.plan = builders.make_plan(cfg, manifest, info, resume.kept_global_batch(cfg, ckpt, self.data_digest),
-                                           fixed=ckpt is not None)
-        except (ValueError, FileNotFoundError) as e:
+        except FileNotFoundError as e:  # --shards names no shard folder
             raise ConfigError(str(e)) from e
+        cfg = replace(cfg, precision=builders.resolve_precision(cfg.precision, info.device),
+                      wandb=resolve_wandb_mode(cfg.wandb))
+        source = resume.choose_checkpoint(cfg, self.out, info)
+        ckpt = self._load(source) if source else None
+        seed_everything(cfg.seed, info.rank)
+        model = builders.make_model(cfg, manifest.classes, ckpt, source)
+        # After the model: a checkpoint that does not fit says so before the data-plan checks.
+        self.data_digest = data.data_digest(manifest)
+        self.plan = builders.make_plan(cfg, manifest, info, resume.kept_global_batch(cfg, ckpt, self.data_digest),
+                                       fixed=ckpt is not None)
         self.cfg = cfg = replace(cfg, global_batch=self.plan.global_batch)
         self.classes = manifest.classes
         # How the frames were packed: predict.py prepares raw videos exactly the same way.
@@ -118,6 +120,14 @@ class Trainer:
             where = f"resumed from {source} at epoch {st.epoch + 1} step {st.step}" if ckpt else "fresh start"
             report.write_start(self.out, cfg, self.plan, self.classes, manifest.args.get("split"), st.epoch, st.step,
                                info, where)
+
+    @staticmethod
+    def _load(source: Path) -> dict:
+        """The checkpoint to resume from; one that does not load is the --resume argument's fault (exit 2)."""
+        try:
+            return ckpt_io.load_checkpoint(source)
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}") from e
 
     def _restore(self, ckpt: dict, source: Path) -> None:
         """Continue the checkpoint's run: optimizer, schedule, scaler, state, best.pt, epoch sums, RNG."""

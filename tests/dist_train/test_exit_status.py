@@ -3,11 +3,14 @@ file with a key given twice and a --pretrained file that is not there; and which
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import torchvision
 
-from dist_train.faults import EXIT_CONFIG, ConfigError
+from dist_train.faults import EXIT_CONFIG, EXIT_ERROR, ConfigError
 from dist_train.models import PretrainedWeightsNotFound, build_model
 from tests.dist_train.dt_helpers import TINY, check, run_trainer
 
@@ -57,3 +60,15 @@ def test_model_errors_are_config_errors_only_for_configuration(tmp_path):
         with pytest.raises(ValueError) as info:
             build_model("cnn_rnn", num_classes, **kw)
         assert not isinstance(info.value, ConfigError), info.value
+
+
+def test_a_damaged_manifest_is_a_data_error_exit_1_with_its_message(sample_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["count"] = -3
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = check(run_trainer(["--shards", str(shards), "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"],
+                             nproc=None), EXIT_ERROR)
+    assert proc.stderr.strip().startswith(f"error: {shards / 'manifest.json'}") and "count" in proc.stderr
+    assert "Traceback" not in proc.stderr
