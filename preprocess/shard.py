@@ -341,4 +341,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the module, not __main__: what the worker processes are handed (encode_item, ...) is then named
+    # preprocess.shard, which they have imported already, instead of a second copy of the main module.
+    from preprocess import shard
+
+    sys.exit(shard.main())

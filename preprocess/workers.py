@@ -84,6 +84,7 @@ class _Worker:
         self.proc.start()
         child.close()
         self.ready = False
+        self.gone = False  # found dead while handing it a task
         self.held: deque[int] = deque()  # positions of the tasks given and not answered yet
         self.deadline = 0.0  # when the task it is on runs out of time
 
@@ -92,11 +93,17 @@ class _Worker:
         """The task it is on."""
         return self.held[0] if self.held else None
 
-    def give(self, pos: int, task: tuple, timeout: float) -> None:
-        self.conn.send(task)
+    def give(self, pos: int, task: tuple, timeout: float) -> bool:
+        """Hand over a task; False when the worker is gone already (its death is collected next)."""
+        try:
+            self.conn.send(task)
+        except OSError:  # BrokenPipeError: it died since it was last heard of
+            self.gone = True
+            return False
         if not self.held:
             self.deadline = time.monotonic() + timeout
         self.held.append(pos)
+        return True
 
     def answered(self, timeout: float) -> int:
         """The task it was on is done: its position; the clock starts for the next one."""
@@ -145,10 +152,12 @@ def run_guarded(fn: Callable, tasks: Sequence[tuple], workers: int, timeout: flo
     try:
         while next_out < len(tasks):
             for w in pool:
-                while w.ready and len(w.held) < w.DEPTH and (again or next_in < min(len(tasks), next_out + window)):
+                while (w.ready and not w.gone and len(w.held) < w.DEPTH
+                       and (again or next_in < min(len(tasks), next_out + window))):
                     pos = again.pop(0) if again else next_in
                     next_in += pos == next_in
-                    w.give(pos, tasks[pos], timeout)
+                    if not w.give(pos, tasks[pos], timeout):
+                        again = sorted(again + [pos])
             _wait(pool)
             for i, w in enumerate(pool):
                 if _collect(w, done, timeout):  # gone: replaced while tasks are left to give out
