@@ -71,6 +71,14 @@ def _choose(cfg: TrainConfig, out: Path) -> tuple[str, str | None]:
     return "error", f"--resume {cfg.resume}: no such checkpoint file (use auto, never or a path)"
 
 
+def load(source: Path) -> dict:
+    """The checkpoint to resume from; one that does not load is the --resume argument's fault (exit 2)."""
+    try:
+        return ckpt_io.load_checkpoint(source)
+    except ValueError as e:
+        raise ConfigError(f"--resume: {e}") from e
+
+
 def kept_global_batch(cfg: TrainConfig, ckpt: dict | None, digest: str) -> int | None:
     """The global batch this run must use: the checkpoint's (refusing a different ``--global-batch``, data
     order flags or shard set: ConfigError) or ``--global-batch`` on a fresh start."""

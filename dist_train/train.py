@@ -75,7 +75,7 @@ class Trainer:
         cfg = replace(cfg, precision=builders.resolve_precision(cfg.precision, info.device),
                       wandb=resolve_wandb_mode(cfg.wandb))
         source = resume.choose_checkpoint(cfg, self.out, info)
-        ckpt = self._load(source) if source else None
+        ckpt = resume.load(source) if source else None
         seed_everything(cfg.seed, info.rank)
         model = builders.make_model(cfg, manifest.classes, ckpt, source)
         # After the model: a checkpoint that does not fit says so before the data-plan checks.
@@ -120,14 +120,6 @@ class Trainer:
             where = f"resumed from {source} at epoch {st.epoch + 1} step {st.step}" if ckpt else "fresh start"
             report.write_start(self.out, cfg, self.plan, self.classes, manifest.args.get("split"), st.epoch, st.step,
                                info, where)
-
-    @staticmethod
-    def _load(source: Path) -> dict:
-        """The checkpoint to resume from; one that does not load is the --resume argument's fault (exit 2)."""
-        try:
-            return ckpt_io.load_checkpoint(source)
-        except ValueError as e:
-            raise ConfigError(f"--resume: {e}") from e
 
     def _restore(self, ckpt: dict, source: Path) -> None:
         """Continue the checkpoint's run: optimizer, schedule, scaler, state, best.pt, epoch sums, RNG."""
