@@ -8,7 +8,8 @@ Exit status of ``python -m dist_train`` and of every torchrun worker:
          Also after a second stop signal, or a stop while the data is stuck (see below): then at once,
          without a new checkpoint (the last complete one is kept)
     2    bad configuration or arguments (nothing trained)
-    1    any other error (the traceback says which)
+    1    any other error: a data error (a damaged manifest or shard, a stuck read: its message names the
+         file) or a bug (with its traceback)
     130  KeyboardInterrupt outside the training loop's signal handling
 
 torchrun itself exits 0 when all workers exit 0 and 1 otherwise (it does not pass 75 on), and with
