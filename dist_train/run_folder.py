@@ -15,7 +15,6 @@ and moved back if it stops or fails before that.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from dist_train.distributed import DistInfo, broadcast_object
 from dist_train.faults import ConfigError
+from preprocess import lockfile
 
 log = logging.getLogger("dist_train")
 
@@ -45,16 +45,6 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('since')}"
 
 
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return True
-
-
 def _stale(holder: dict, me: dict) -> str | None:
     """Why ``holder`` can no longer be running, or None."""
     if holder.get("slurm_job") and holder["slurm_job"] == me["slurm_job"] \
@@ -62,7 +52,7 @@ def _stale(holder: dict, me: dict) -> str | None:
         return "an earlier run of this SLURM job"
     if holder.get("torchrun_run") and holder["torchrun_run"] == me["torchrun_run"] and holder.get("pid") != me["pid"]:
         return "an earlier attempt of this torchrun run"
-    if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+    if holder.get("host") == me["host"] and not lockfile.pid_alive(holder.get("pid")):
         return "its process no longer exists"
     return None
 
@@ -70,8 +60,8 @@ def _stale(holder: dict, me: dict) -> str | None:
 class RunLock:
     """Rank 0's hold on a run folder; ``release`` removes the lock file if it is still ours."""
 
-    def __init__(self, path: Path, token: str):
-        self.path, self.token = path, token
+    def __init__(self, path: Path, holder: dict):
+        self.path, self.holder = path, holder
 
     @classmethod
     def acquire(cls, out: Path) -> RunLock:
@@ -79,10 +69,8 @@ class RunLock:
         out.mkdir(parents=True, exist_ok=True)
         path, me = out / LOCK_FILE, _me()
         for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read(path)
+            if not lockfile.create(path, me):
+                holder = lockfile.read(path)
                 why = _stale(holder, me) if holder else _torn(path)
                 if why is None:
                     raise ConfigError(
@@ -92,17 +80,11 @@ class RunLock:
                 log.warning(f"taking over the lock of {out} from {_describe(holder or {})}: {why}")
                 path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            return cls(path, me["token"])
+            return cls(path, me)
         raise ConfigError(f"could not take the lock {path}: another run keeps creating it")
 
     def release(self) -> None:
-        holder = _read(self.path)
-        if holder and holder.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+        lockfile.release(self.path, self.holder)
 
 
 def claim(out: Path, info: DistInfo) -> RunLock | None:
@@ -117,14 +99,6 @@ def claim(out: Path, info: DistInfo) -> RunLock | None:
     if refusal:
         raise ConfigError(refusal)
     return lock
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        holder = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
 
 
 def _torn(path: Path) -> str | None:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from preprocess import lockfile
 from preprocess import shard_format as fmt
 from preprocess.inputs import printable
 
@@ -97,34 +98,20 @@ class PackLock:
 
     def __enter__(self) -> PackLock:
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.info, f)
-                f.flush()
-                os.fsync(f.fileno())
-            return self
+            if lockfile.create(self.path, self.info):
+                return self
+            self._take_over_if_stale()
         raise OutputError(f"{self.path} was taken by another packer meanwhile; wait for it to finish")
-
-    def _holder(self) -> dict | None:
-        try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return raw if isinstance(raw, dict) else None
 
     def _take_over_if_stale(self) -> None:
         """Remove a lock whose packer is gone (same host, pid not running); refuse any other."""
-        h = self._holder()
+        h = lockfile.read(self.path)
         if h is None:
             raise OutputError(f"{self.path} exists but is not a readable lock: another packer may be starting. "
                               "If no packer is writing to this folder, delete the file and run again.")
         pid, host = h.get("pid"), h.get("host")
         holder = f"pid {pid} on host {host} (since {h.get('time')})"
-        if host == self.info["host"] and isinstance(pid, int) and pid > 0 and not _alive(pid):
+        if host == self.info["host"] and isinstance(pid, int) and pid > 0 and not lockfile.pid_alive(pid):
             print(f"warning: taking over the stale lock {self.path} of {holder}: that process is gone",
                   file=sys.stderr)
             self.path.unlink(missing_ok=True)
@@ -134,18 +121,7 @@ class PackLock:
                           f"{self.path} and run again.")
 
     def __exit__(self, *exc) -> None:
-        if self._holder() == self.info:
-            self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+        lockfile.release(self.path, self.info)
 
 
 def make_staging(out: Path) -> Path:
