@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config_files import read_config_file
+from dist_train.locations import CACHE_DIR_HELP, CACHE_SIZE_HELP, check_url, parse_size, public
 
 # The one list of each choice (config.py imports no torch, so --help and config errors stay fast):
 MODEL_NAMES = ("cnn_rnn", "r3d_18", "mc3_18", "r2plus1d_18")  # models.build_model builds each
@@ -48,6 +49,8 @@ LIMITS: dict[str, tuple[int | float, str]] = {
     "data_timeout": (604_800, "seconds (a week); 0 waits forever"),
     "stop_timeout": (86_400, "seconds (a day)"),
     "dist_timeout": (604_800, "seconds (a week): longer than any job's time limit"),
+    "fetch_timeout": (86_400, "seconds (a day)"),
+    "fetch_retries": (1_000, "retries; at 30 s apart, over 8 hours"),
 }
 # Fields where a huge value has a plain meaning and is left alone: --log-every, --ckpt-every-steps and
 # --ckpt-every-minutes (never, but at epoch ends), --keep-last (keep all).
@@ -71,7 +74,15 @@ class TrainConfig:
     """Everything a training run needs; checked on creation with errors that say what to change."""
 
     # data and run folder
-    shards: str = _f("shards", "shard folder holding manifest.json (made by python -m preprocess.shard)")
+    shards: str = _f("shards", "shard folder holding manifest.json (made by python -m preprocess.shard), or its URL: "
+                               "s3://bucket/prefix/ (any S3-compatible store; endpoint and keys from AWS_ENDPOINT_URL, "
+                               "AWS_ACCESS_KEY_ID, ... or ~/.aws), gs://bucket/prefix/ or https://host/prefix/ (a "
+                               "query string, e.g. a token, is added to every request and never saved or shown)")
+    cache_dir: str | None = _f(None, CACHE_DIR_HELP)
+    cache_size: str = _f("auto", CACHE_SIZE_HELP)
+    fetch_timeout: float = _f(60.0, "seconds one request for a remote shard may take before it is retried")
+    fetch_retries: int = _f(8, "retries of a failed request for a remote shard, waiting 0.5 s doubling to 30 s "
+                               "between them (8: about 1.5 minutes of outage are ridden out)")
     out: str = _f("", "run folder for checkpoints, logs, metrics.jsonl, plots and results.json (required)")
     img_size: int = _f(112, "clip size in pixels (square crops of the stored frames)")
     train_crop: str = _f("random", "training crop, the same for every frame of a clip: random (a square of 7/8 of the "
@@ -176,6 +187,8 @@ class TrainConfig:
         self.workers = _workers(self.workers)
         for f in fields(self):
             _check_field(self, f)
+        parse_size(self.cache_size)  # these two: ValueError with what to change
+        check_url(self.shards)
         checks = [
             (self.out != "", "--out is required: the run folder for checkpoints and logs (e.g. --out runs/exp1)"),
             (self.img_size >= 8, f"--img-size must be >= 8 pixels, got {self.img_size}"),
@@ -211,6 +224,8 @@ class TrainConfig:
             (self.data_timeout >= 0.0, f"--data-timeout must be >= 0 seconds (0 = none), got {self.data_timeout}"),
             (self.stop_timeout > 0.0, f"--stop-timeout must be > 0 seconds, got {self.stop_timeout}"),
             (self.dist_timeout > 0.0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (self.fetch_timeout > 0.0, f"--fetch-timeout must be > 0 seconds, got {self.fetch_timeout}"),
+            (self.fetch_retries >= 0, f"--fetch-retries must be >= 0, got {self.fetch_retries}"),
             (self.seed >= -LIMITS["seed"][0], f"--seed must be at least {-LIMITS['seed'][0]:,}, got {self.seed:,}"),
             (self.model == "cnn_rnn" or self.pretrained != "imagenet",
              f"--pretrained imagenet is for cnn_rnn's ResNet18; {self.model} takes --pretrained kinetics or a path"),
@@ -232,8 +247,9 @@ class TrainConfig:
                 raise ValueError(msg)
 
     def to_dict(self) -> dict:
-        """Plain dict of all fields (JSON-, YAML- and checkpoint-safe)."""
-        return asdict(self)
+        """Plain dict of all fields (JSON-, YAML- and checkpoint-safe). It is what config.json, checkpoints and
+        W&B keep, so ``shards`` is its public form: a URL without user, password or query string."""
+        return {**asdict(self), "shards": public(self.shards)}
 
 
 def _flag(name: str) -> str:

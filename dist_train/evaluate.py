@@ -32,6 +32,7 @@ from dist_train.evaluation import (
     load_trained_model,
     most_confused,
 )
+from dist_train.locations import add_cache_flags, public
 from dist_train.metrics import save_confusion_png
 from dist_train.models import input_layout
 from preprocess import shard_format as fmt
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dist_train.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint, e.g. runs/exp1/best.pt")
-    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--shards", required=True, help="shard folder with manifest.json, or its URL (s3://, gs://, "
+                                                  "http(s)://, as for training)")
+    add_cache_flags(p)
     p.add_argument("--split", default="test", choices=fmt.SPLITS, help="split to evaluate")
     p.add_argument("--out", default=None,
                    help="report folder (default: eval-<checkpoint stem>-<split> beside the checkpoint)")
@@ -90,9 +93,9 @@ def _inputs(a: argparse.Namespace):
     if missing:
         raise UnusableCheckpoint(f"cannot use checkpoint {a.checkpoint}: its config lacks {', '.join(missing)} "
                                  f"(an older version); {USE_HINT}")
-    manifest = fmt.load_manifest(a.shards)
+    manifest = data.open_manifest(a.shards, a.cache_dir, a.cache_size)
     if manifest.classes != ckpt["classes"]:
-        raise ValueError(f"{a.shards} has classes {manifest.classes}, but {a.checkpoint} was trained on "
+        raise ValueError(f"{public(a.shards)} has classes {manifest.classes}, but {a.checkpoint} was trained on "
                          f"{ckpt['classes']}; evaluate it on shards of its own classes")
     return model, ckpt, manifest
 
@@ -127,7 +130,7 @@ def _write_report(a: argparse.Namespace, r: dict, manifest: fmt.Manifest, classe
     """report.json first (the finished evaluation), then report.md, confusion.png and predictions.jsonl."""
     counts = [sum(row) for row in r["confusion"]]
     r.update(
-        checkpoint=str(a.checkpoint), shards=str(a.shards), split=a.split, world_size=world_size,
+        checkpoint=str(a.checkpoint), shards=public(a.shards), split=a.split, world_size=world_size,
         mean_class_accuracy=sum(r["per_class"].values()) / len(classes),
         per_class_count=dict(zip(classes, counts)),
         most_confused=most_confused(r["confusion"], classes),
@@ -166,9 +169,9 @@ def _key_paths(manifest: fmt.Manifest, split: str) -> dict[str, str | None]:
         if out[key] is None:
             lacking.append(key)
     if lacking:
-        print(f"warning: {len(lacking)} sample(s) of {split} in {manifest.root} have no source \"path\" in their "
-              f"metadata (e.g. {lacking[0]}); predictions.jsonl gives \"path\": null for them. Re-pack the videos "
-              "with this version of preprocess.shard to record it.", file=sys.stderr)
+        print(f"warning: {len(lacking)} sample(s) of {split} in {data.store_of(manifest).where} have no source "
+              f"\"path\" in their metadata (e.g. {lacking[0]}); predictions.jsonl gives \"path\": null for them. "
+              "Re-pack the videos with this version of preprocess.shard to record it.", file=sys.stderr)
     return out
 
 

@@ -16,6 +16,7 @@ from dist_train import checkpoint as ckpt_io
 from dist_train.config import TrainConfig
 from dist_train.distributed import DistInfo, broadcast_object
 from dist_train.faults import ConfigError
+from dist_train.locations import public
 
 log = logging.getLogger("dist_train")
 
@@ -96,7 +97,7 @@ def kept_global_batch(cfg: TrainConfig, ckpt: dict | None, digest: str) -> int |
                          "continue it (its data order and validation set depend on them), or start a new "
                          "run in another --out")
     if ckpt["data"].get("digest") != digest:
-        raise ConfigError(f"{cfg.shards} is not the shard set the checkpoint was trained on (its manifest's "
+        raise ConfigError(f"{public(cfg.shards)} is not the shard set the checkpoint was trained on (its manifest's "
                          "training shards differ: re-packed?): resume on those shards, or start a new run "
                          "in another --out")
     return theirs

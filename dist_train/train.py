@@ -52,11 +52,11 @@ from dist_train.faults import (
     kill_workers,
     write_status,
 )
+from dist_train.locations import public
 from dist_train.metrics import make_logger, resolve_wandb_mode, setup_logging
 from dist_train.models import unwrap
 from dist_train.resume import TrainState
 from dist_train.step import Sums
-from preprocess.shard_format import load_manifest
 
 log = logging.getLogger("dist_train")
 
@@ -69,7 +69,8 @@ class Trainer:
         # Configuration errors raise ConfigError (exit status 2) where they are found; any other error is a
         # data error or a bug (exit status 1).
         try:
-            manifest = load_manifest(cfg.shards)
+            manifest = data.open_manifest(cfg.shards, cfg.cache_dir, cfg.cache_size, cfg.fetch_timeout,
+                                          cfg.fetch_retries)
         except FileNotFoundError as e:  # --shards names no shard folder
             raise ConfigError(str(e)) from e
         cfg = replace(cfg, precision=builders.resolve_precision(cfg.precision, info.device),
@@ -191,7 +192,7 @@ class Trainer:
         spe = plan.steps_per_epoch
         loader = data.train_loader(plan, self.train_spec, self.info.rank, st.epoch, start_step=st.step_in_epoch,
                                    pin=self.info.device.type == "cuda", timeout=cfg.data_timeout)
-        batches = data.watched(loader, stop, cfg.data_timeout, cfg.shards)
+        batches = data.watched(loader, stop, cfg.data_timeout, public(cfg.shards))
         window, bad = Sums(), []
         bar = self.log.progress(spe, st.step_in_epoch, f"epoch {st.epoch + 1}/{cfg.epochs}")
         self.model.train()

@@ -12,16 +12,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dist_train.locations import add_cache_flags, public
 from preprocess import shard_format as fmt
 
 LABEL_WIDTH = 220
 
 
-def read_samples(root: Path, split: str, n: int) -> list[tuple[list[np.ndarray], int, dict]]:
+def read_samples(manifest: fmt.Manifest, split: str, n: int) -> list[tuple[list[np.ndarray], int, dict]]:
     """The first ``n`` readable samples of ``split`` as (BGR frames, label, metadata), read by the trainer's reader."""
     from dist_train.data import read_split
 
-    manifest = fmt.load_manifest(root)
     return [_decode(sample, manifest.n_frames) for sample in read_split(manifest, split, limit=n, skip_bad=True)]
 
 
@@ -49,20 +49,23 @@ def contact_sheet(samples, classes: list[str], thumb: int = 64) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m preprocess.preview", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("shards", type=Path, help="shard folder (with manifest.json)")
+    p.add_argument("shards", help="shard folder (with manifest.json), or its URL (s3://, gs://, http(s)://)")
     p.add_argument("--out", type=Path, default=Path("preview.png"), help="PNG file to write")
     p.add_argument("--split", choices=fmt.SPLITS, default="train")
     p.add_argument("--samples", type=int, default=8, help="rows (videos) in the sheet")
     p.add_argument("--thumb", type=int, default=64, help="thumbnail height in pixels")
+    add_cache_flags(p)
     a = p.parse_args(argv)
+    from dist_train.data import open_manifest
+
     try:
-        manifest = fmt.load_manifest(a.shards)
-        samples = read_samples(a.shards, a.split, a.samples)
-    except (FileNotFoundError, ValueError) as e:
+        manifest = open_manifest(a.shards, a.cache_dir, a.cache_size)
+        samples = read_samples(manifest, a.split, a.samples)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not samples:
-        print(f"error: split {a.split!r} of {a.shards} holds no samples", file=sys.stderr)
+        print(f"error: split {a.split!r} of {public(a.shards)} holds no samples", file=sys.stderr)
         return 1
     sheet = contact_sheet(samples, manifest.classes, a.thumb)
     if not cv2.imwrite(str(a.out), sheet):

@@ -275,6 +275,8 @@ class Manifest:
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     args: dict = field(default_factory=dict)
+    # Where the reader finds the files (dist_train.data's stores); None: in ``root``.
+    store: object = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:

@@ -2,6 +2,7 @@
 
     plan.py     which samples train / validate / test, the layout of the global batch, each epoch's order
     reader.py   the one reader of shards: index-checked byte ranges, bad-sample records
+    remote.py   shards in object storage, through a node-local cache of whole shards
     clips.py    JPEG header checks, decoding, crops and flips, the model's input
     batches.py  batches in shared memory and their hand-off to the training process
     device.py   a batch on the training device (copied out of its buffer, or decoded there)
@@ -48,15 +49,17 @@ from dist_train.data.reader import (
     bad_record,
     iter_unindexed,
     read_split,
+    store_of,
     verify_shards,
 )
+from dist_train.data.remote import CachedShards, RemoteError, open_manifest
 
 __all__ = [
-    "CROPS", "IMAGENET_STATS", "KINETICS_STATS", "MAX_FRAME_PIXELS", "BadDataError", "Batch", "BatchFiller",
-    "ClipTransform", "Clips", "DataPlan", "EvalStream", "Layout", "LocalShards", "SampleError", "SampleSpec",
-    "Samples", "ShardReader", "TrainStream", "bad_record", "clip_batch", "data_digest", "decode_jpegs", "eval_loader",
-    "eval_share",
-    "frame_size", "hold_out", "iter_unindexed", "jpeg_size", "make_clip", "make_plan", "materialize", "mix_seed",
-    "normalization", "parse_sample", "read_split", "resolve_layout", "resolve_workers", "to_model_input",
-    "train_loader", "validation_note", "verify_shards", "waited_for", "watched",
+    "CROPS", "IMAGENET_STATS", "KINETICS_STATS", "MAX_FRAME_PIXELS", "bad_record", "BadDataError", "Batch",
+    "BatchFiller", "CachedShards", "clip_batch", "Clips", "ClipTransform", "data_digest", "DataPlan",
+    "decode_jpegs", "eval_loader", "eval_share", "EvalStream", "frame_size", "hold_out", "iter_unindexed",
+    "jpeg_size", "Layout", "LocalShards", "make_clip", "make_plan", "materialize", "mix_seed", "normalization",
+    "open_manifest", "parse_sample", "read_split", "RemoteError", "resolve_layout", "resolve_workers",
+    "SampleError", "Samples", "SampleSpec", "ShardReader", "store_of", "to_model_input", "train_loader",
+    "TrainStream", "validation_note", "verify_shards", "waited_for", "watched",
 ]

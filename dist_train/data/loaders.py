@@ -33,6 +33,7 @@ from dist_train.data.batches import Batch, BatchFiller, BufferPool, SampleSpec, 
 from dist_train.data.clips import _plain
 from dist_train.data.plan import DataPlan, Samples, eval_share, mix_seed
 from dist_train.data.reader import SampleError, ShardReader, bad_record
+from dist_train.data.remote import Prefetch
 from dist_train.faults import DataStall, StopRequest, fault_hook
 
 
@@ -42,16 +43,23 @@ def _worker() -> tuple[int, int]:
 
 
 def _read_batches(samples: Samples, spec: SampleSpec, batches: list[np.ndarray], seeds: list | None,
-                  bad_shards: dict[str, str], pool: BufferPool | None) -> Iterator[Batch]:
-    """This worker's share (every ``W``-th) of ``batches`` (arrays of sample ids), read, decoded and batched."""
+                  bad_shards: dict[str, str], pool: BufferPool | None, ahead: int) -> Iterator[Batch]:
+    """This worker's share (every ``W``-th) of ``batches`` (arrays of sample ids), read, decoded and batched;
+    from a remote store, its next ``ahead`` shards are fetched meanwhile."""
     i, n_workers = _worker()
     reader = ShardReader(samples.store, samples.shards, samples.fields, bad_shards, indexes=samples.indexes)
     filler = BatchFiller(spec, _batch_size(batches), pool if get_worker_info() else None, i)
+    prefetch = None
+    if samples.store.remote_store:
+        order = dict.fromkeys(int(s) for b in batches[i::n_workers] for s in samples.shard[b])  # first-read order
+        prefetch = Prefetch(samples.store, samples.shards, list(order), ahead)
     hang_on = fault_hook("DIST_TRAIN_TEST_HANG_ON_KEY")  # tests only: a worker stuck in a read
     try:
         for b in range(i, len(batches), n_workers):
             for j, sid in enumerate(batches[b].tolist()):
                 shard, key = samples.shards[samples.shard[sid]], samples.keys[sid]
+                if prefetch:
+                    prefetch.reading(int(samples.shard[sid]))
                 if key == hang_on:
                     time.sleep(3600)
                 try:
@@ -63,6 +71,8 @@ def _read_batches(samples: Samples, spec: SampleSpec, batches: list[np.ndarray],
                 filler.add(sample, None if seeds is None else seeds[b][j], int(samples.labels[sid]))
             yield filler.take()
     finally:
+        if prefetch:
+            prefetch.stop()
         reader.close()
 
 
@@ -79,12 +89,14 @@ class _Stream(IterableDataset):
     seeds: list | None = None
     bad_shards: dict[str, str]
     pool: BufferPool | None = None
+    ahead: int = 2  # shards a worker prefetches past the one it reads (remote shards only)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
-        return _read_batches(self.samples, self.spec, self.batches, self.seeds, self.bad_shards, self.pool)
+        return _read_batches(self.samples, self.spec, self.batches, self.seeds, self.bad_shards, self.pool,
+                             self.ahead)
 
 
 class TrainStream(_Stream):
@@ -92,6 +104,7 @@ class TrainStream(_Stream):
 
     def __init__(self, plan: DataPlan, spec: SampleSpec, rank: int, epoch: int, start_step: int = 0):
         self.samples, self.spec, self.bad_shards = plan.train, spec, plan.bad_shards
+        self.ahead = plan.window  # the next shuffle window, while reading this one
         ids, positions = plan.rank_batches(epoch, rank, start_step)
         self.batches = list(ids)
         self.seeds = [[mix_seed(plan.seed, epoch, p) for p in row] for row in positions.tolist()]

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dist_train.data.reader import LocalShards, ShardIndexes
+from dist_train.data.reader import LocalShards, ShardIndexes, store_of
 from preprocess.shard_format import Manifest, ShardInfo
 
 MAX_AUTO_WORKERS = 16
@@ -70,7 +70,7 @@ def _random_keys(n: int, *seed: int) -> np.ndarray:
 class Samples:
     """The samples of one split in canonical order (shard by shard, as packed), and where to read them."""
 
-    store: LocalShards
+    store: LocalShards  # or remote.CachedShards: the same methods
     fields: tuple[str, ...]  # member suffixes of every sample
     shards: tuple[ShardInfo, ...]
     shard: np.ndarray  # int32 [n]: index into ``shards``
@@ -84,13 +84,13 @@ class Samples:
     def of(cls, manifest: Manifest, split: str) -> Samples:
         """All samples of ``split``."""
         shards: Sequence[ShardInfo] = manifest.shards.get(split, [])
-        counts = [s.count for s in shards]
-        return cls(LocalShards(manifest.root), manifest.fields, tuple(shards),
+        counts, store = [s.count for s in shards], store_of(manifest)
+        return cls(store, manifest.fields, tuple(shards),
                    np.repeat(np.arange(len(shards), dtype=np.int32), counts),
                    np.concatenate([np.arange(c, dtype=np.int32) for c in counts] or [np.zeros(0, np.int32)]),
                    np.array([y for s in shards for y in s.labels], np.int64),
                    tuple(k for s in shards for k in s.keys), tuple(g for s in shards for g in s.groups),
-                   ShardIndexes(LocalShards(manifest.root), shards, manifest.fields, manifest.num_classes))
+                   ShardIndexes(store, shards, manifest.fields, manifest.num_classes))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -253,7 +253,8 @@ def make_plan(manifest: Manifest, layout: Layout, workers: int = 0, seed: int = 
     """The data plan for this manifest and layout; ValueError when one step needs more data than there is."""
     train, test = Samples.of(manifest, "train"), Samples.of(manifest, "test")
     if len(train) == 0:
-        raise ValueError(f"{manifest.root}/manifest.json lists no training samples; re-pack with train videos")
+        raise ValueError(f"{store_of(manifest).where}/manifest.json lists no training samples; re-pack with train "
+                         "videos")
     by_group = manifest.args.get("split") in ("group", "official")
     train_ids, val_ids = hold_out(train, val_fraction, seed, by_group)
     plan = DataPlan(train, train_ids, val_ids, test, layout, workers, seed, max(1, window), dict(bad_shards or {}))

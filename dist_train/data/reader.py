@@ -6,12 +6,13 @@ where the shard's index file says (``preprocess.shard_format.parse_index`` valid
 manifest), and each is checked against the index before it is used: the tar header in front of it
 must name that member and give that size, and it must end inside the file.
 
-Where bytes come from: a ``ShardStore`` turns a shard's name into a local file (``LocalShards``: the
-shard folder; a remote store with a node-local cache of whole shards can stand in without changing
-the reader). A sample is read with one ``os.preadv`` of its byte range into a buffer the reader reuses (its
-members lie side by side; members that do not are read one by one), not through a memory map: the
-worker's memory stays bounded by what it reads (``MAX_SAMPLE_BYTES``), and a shard cut short while
-open gives a short read, a bad sample, rather than a SIGBUS.
+Where bytes come from: a store turns a shard's name into a local file: ``LocalShards``, the shard
+folder, or ``dist_train.data.remote.CachedShards``, a node-local cache of whole shards fetched from
+object storage (``Manifest.store`` says which). A sample is read with one ``os.preadv`` of its byte
+range into a buffer the reader reuses (its members lie side by side; members that do not are read one by
+one), not through a memory map: the worker's memory stays bounded by what it reads
+(``MAX_SAMPLE_BYTES``), and a shard cut short while open gives a short read, a bad sample, rather than a
+SIGBUS.
 
 Bad data never stops reading silently: a missing or unreadable shard, an index that does not fit the
 manifest or the tar, a member past the end of the file or a header that differs from the index all
@@ -34,6 +35,7 @@ import stat
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -68,14 +70,31 @@ def bad_record(on_bad: str, shard: str, key: str | None, reason: str, count: int
 
 
 class LocalShards:
-    """Shards in a local folder: the one place a shard name becomes a file."""
+    """Shards in a local folder. Its methods are those of every store (``remote.CachedShards`` has the same):
+    the one place a shard name becomes a file. ``sha256`` and ``size`` (the manifest's) are for a store that
+    has to fetch the file; here the reader and ``--verify-shards`` check them."""
+
+    remote_store = False
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.where = str(self.root)
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str, sha256: str | None = None, size: int | None = None) -> Path:
         """The local file holding shard or index ``name``."""
         return self.root / name
+
+    def open(self, name: str, sha256: str | None = None, size: int | None = None) -> int:
+        """A read-only descriptor of shard ``name``; OSError if it is not a readable regular file."""
+        return open_regular(self.root / name)
+
+    def prefetch(self, name: str, sha256: str | None = None, size: int | None = None) -> None:
+        """Nothing to fetch: the shard is here."""
+
+
+def store_of(manifest: Manifest) -> LocalShards:
+    """Where ``manifest``'s files are read from: the store ``remote.open_manifest`` gave it, or its folder."""
+    return manifest.store if manifest.store is not None else LocalShards(manifest.root)
 
 
 def open_regular(path: Path) -> int:
@@ -129,14 +148,17 @@ class ShardIndexes:
         return self._cache[i]
 
     def load_all(self) -> ShardIndexes:
+        if self.store.remote_store:  # fetched by 8 threads: most of the time is the round trips
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(self.get, range(len(self.shards))))
         for i in range(len(self.shards)):
             self.get(i)
         return self
 
     def _read(self, info: ShardInfo) -> ShardIndex | str:
-        where = self.store.path(info.index)
-        hint = REINDEX_HINT.format(root=self.store.path(""))
+        hint = REINDEX_HINT.format(root=self.store.where)
         try:
+            where = self.store.path(info.index, info.index_sha256)
             fd = open_regular(where)
         except FileNotFoundError:
             return self._infer(info, hint)
@@ -154,10 +176,10 @@ class ShardIndexes:
     def _infer(self, info: ShardInfo, hint: str) -> ShardIndex | str:
         from preprocess.index import IndexingError, index_shard
 
-        path = self.store.path(info.name)
-        warnings.warn(f"{path}: no index file {info.index}, inferring the index from the tar (one full read): "
-                      f"{hint}", stacklevel=2)
+        warnings.warn(f"{self.store.where}/{info.name}: no index file {info.index}, inferring the index from the "
+                      f"tar (one full read): {hint}", stacklevel=2)
         try:
+            path = self.store.path(info.name, info.sha256, info.bytes)
             os.close(open_regular(path))  # a FIFO in its place would block the read
             found = index_shard(path, info.count, info.sha256, len(self.fields) - 2, self.num_classes)
         except (OSError, IndexingError) as e:
@@ -192,7 +214,7 @@ class ShardReader:
         if isinstance(index, str):
             return _Open(error=index)
         try:
-            fd = open_regular(self.store.path(info.name))
+            fd = self.store.open(info.name, info.sha256, info.bytes)
         except OSError as e:
             return _Open(error=f"cannot be opened ({e.strerror or e})")
         return _Open(fd, os.fstat(fd).st_size, index)
@@ -248,7 +270,7 @@ class ShardReader:
                 problem = _header_problem(bytes(buf[head:at]), name, s)
                 if problem:
                     raise SampleError(f"member {key}.{f} at byte {o} differs from the index: {problem}; "
-                                      + REINDEX_HINT.format(root=self.store.path("")))
+                                      + REINDEX_HINT.format(root=self.store.where))
             out[f] = buf[at:at + s]
         return out
 
@@ -280,7 +302,7 @@ def read_split(manifest: Manifest, split: str, limit: int | None = None, skip_ba
     """Samples of ``split`` in packing order, at most ``limit``; a bad sample raises ``SampleError``
     (naming shard and key) or, with ``skip_bad``, is passed over. ``only``: read just these members."""
     shards = manifest.shards.get(split, [])
-    reader = ShardReader(LocalShards(manifest.root), shards, manifest.fields)
+    reader = ShardReader(store_of(manifest), shards, manifest.fields)
     n = 0
     try:
         for i, info in enumerate(shards):
@@ -311,6 +333,8 @@ def verify_shards(manifest: Manifest, splits: Sequence[str] = ("train", "test"),
     """Shard name -> what is wrong, for the shards of ``splits`` whose sha256 (tar or index) is not the
     manifest's (``--verify-shards``: reads every byte once). ``part=(k, n)`` checks every n-th shard from
     the k-th, so n processes share the work."""
+    if store_of(manifest).remote_store:
+        return {}  # every file fetched from object storage is checked against the manifest's sha256 already
     shards = [info for split in splits for info in manifest.shards.get(split, [])][part[0]::part[1]]
     bad = {}
     for info in shards:
