@@ -70,7 +70,7 @@ def test_a_remote_folder_reads_the_same_samples_and_fetches_each_file_once(http,
     strip = lambda s: {k: v for k, v in s.items() if k != "__shard__"}  # noqa: E731
     assert [strip(s) for s in read_split(far, "train")] == [strip(s) for s in read_split(local, "train")]
     name = local.shards["train"][0].name
-    assert gets(http, name) == ["bytes=0-%d" % (local.shards["train"][0].bytes - 1)]
+    assert gets(http, name) == [f"bytes=0-{local.shards['train'][0].bytes - 1}"]
     list(read_split(far, "train"))  # a second pass: from the cache
     assert len(gets(http, name)) == 1
     assert (far.store.top.parent == tmp_path / "cache") and far.store.top.name == socket.gethostname()
