@@ -103,6 +103,9 @@ def make_plan(cfg: TrainConfig, manifest, info: DistInfo, global_batch: int | No
             data.bad_record(cfg.on_bad_sample, name, None, reason)  # raises under --on-bad-sample error
             if info.is_main:
                 log.info(f"--verify-shards: skipping shard {name}: {reason}")
+    note = data.cache_note(manifest, cfg.shuffle_window)
+    if note and info.is_main:
+        log.warning(note)
     try:
         return data.make_plan(manifest, layout, data.resolve_workers(cfg.workers), cfg.seed, cfg.val_fraction,
                               cfg.shuffle_window, bad_shards)

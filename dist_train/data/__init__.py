@@ -52,11 +52,11 @@ from dist_train.data.reader import (
     store_of,
     verify_shards,
 )
-from dist_train.data.remote import CachedShards, RemoteError, open_manifest
+from dist_train.data.remote import CachedShards, RemoteError, cache_note, open_manifest
 
 __all__ = [
-    "CROPS", "IMAGENET_STATS", "KINETICS_STATS", "MAX_FRAME_PIXELS", "bad_record", "BadDataError", "Batch",
-    "BatchFiller", "CachedShards", "clip_batch", "Clips", "ClipTransform", "data_digest", "DataPlan",
+    "CROPS", "IMAGENET_STATS", "KINETICS_STATS", "MAX_FRAME_PIXELS", "bad_record", "cache_note", "BadDataError",
+    "Batch", "BatchFiller", "CachedShards", "clip_batch", "Clips", "ClipTransform", "data_digest", "DataPlan",
     "decode_jpegs", "eval_loader", "eval_share", "EvalStream", "frame_size", "hold_out", "iter_unindexed",
     "jpeg_size", "Layout", "LocalShards", "make_clip", "make_plan", "materialize", "mix_seed", "normalization",
     "open_manifest", "parse_sample", "read_split", "RemoteError", "resolve_layout", "resolve_workers",

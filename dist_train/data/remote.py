@@ -375,6 +375,21 @@ def _auto_cap(store: CachedShards, manifest: fmt.Manifest) -> int:
     return int(0.8 * room)
 
 
+def cache_note(manifest: fmt.Manifest, window: int) -> str | None:
+    """A warning when the cache of remote shards cannot hold what a node reads at once: two shuffle windows (the
+    one being read and the one being prefetched) of the largest shards; None when it can, or for local shards."""
+    store = manifest.store
+    if not getattr(store, "remote_store", False):
+        return None
+    sizes = sorted((s.bytes for s in manifest.shards.get("train", [])), reverse=True)
+    need = sum(sizes[:2 * window])
+    if store.cap >= need:
+        return None
+    return (f"--cache-size {_human(store.cap)} is less than two shuffle windows of shards ({_human(need)}: the "
+            f"window read and the one fetched meanwhile, {window} shards each): shards will be fetched more than "
+            "once per epoch and the cache will go over its size; raise --cache-size or lower --shuffle-window")
+
+
 class Prefetch:
     """A loader worker's prefetch thread: fetches the shards the worker will read, in the order it first reads
     them, at most ``ahead`` shards past the one it is reading (``reading(i)``)."""

@@ -226,3 +226,21 @@ def test_secrets_stay_out_of_errors_and_logs(sample_shards, tmp_path, caplog):
 def test_a_url_with_keys_in_it_is_refused_before_anything_is_fetched():
     with pytest.raises(ValueError, match="keys do not go in an s3:// URL"):
         Remote("s3://KEY:SECRET@bucket/prefix/")
+
+
+def test_preview_reads_a_remote_folder(http, tmp_path):
+    from preprocess import preview
+
+    out = tmp_path / "p.png"
+    assert preview.main([http.url, "--out", str(out), "--samples", "2", "--thumb", "16", "--cache-dir",
+                         str(tmp_path / "cache")]) == 0
+    assert out.stat().st_size > 0 and list((tmp_path / "cache").rglob("data/train-000000.tar"))
+
+
+def test_a_cache_smaller_than_two_shuffle_windows_is_warned_about(http, sample_shards, tmp_path):
+    m = load_manifest(sample_shards)
+    biggest = sorted((s.bytes for s in m.shards["train"]), reverse=True)
+    assert remote.cache_note(opened(http.url, tmp_path / "a", size=str(sum(biggest[:2]))), 1) is None
+    note = remote.cache_note(opened(http.url, tmp_path / "b", size=str(sum(biggest[:2]) - 1)), 1)
+    assert "raise --cache-size or lower --shuffle-window" in note
+    assert remote.cache_note(m, 1) is None  # local shards: no cache

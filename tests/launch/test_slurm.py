@@ -102,6 +102,8 @@ def test_two_node_training_runs_to_completion_and_does_not_requeue(slurm_cluster
     assert "training finished" in log and "requeue" not in log
     assert results["steps"] == EPOCHS * _steps_per_epoch(log)
     _assert_each_step_and_epoch_once(run, _steps_per_epoch(log))
+    cache = json.loads((run / "config.json").read_text())["cache_dir"]  # remote shards: node-local, not home
+    assert re.fullmatch(r"/.+/vidshard-cache-\w+", cache) and not cache.startswith(str(Path.home())), cache
 
 
 @pytest.mark.parametrize("sig, to_batch_shell", [("USR1", True), ("TERM", False)],
