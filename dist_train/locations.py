@@ -3,7 +3,7 @@
 ``--shards`` is a local folder or the URL of one (``s3://``, ``gs://``, ``http(s)://``): ``check_url``
 refuses a URL that cannot work, ``public`` is how a URL may be shown and saved, ``parse_size`` reads
 ``--cache-size``, ``default_cache_dir`` is the node-local cache's default folder and
-``add_cache_flags`` gives a tool the cache's flags. Reading remote shards is ``dist_train.data.remote``.
+``add_cache_flags`` gives a tool the cache's flags. Reading remote shards is ``dist_train.data.cache``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     plan.py     which samples train / validate / test, the layout of the global batch, each epoch's order
     reader.py   the one reader of shards: index-checked byte ranges, bad-sample records
-    remote.py   shards in object storage, through a node-local cache of whole shards
+    cache.py    shards in object storage: the manifest and its store, a node-local cache of whole shards
+    remote.py   object storage itself: ranged reads with deadlines and retries, secrets kept out of sight
     clips.py    JPEG header checks, decoding, crops and flips, the model's input
     batches.py  batches in shared memory and their hand-off to the training process
     device.py   a batch on the training device (copied out of its buffer, or decoded there)
@@ -12,6 +13,7 @@ The rest of the code imports what it needs from here.
 """
 
 from dist_train.data.batches import Batch, BatchFiller, SampleSpec, parse_sample
+from dist_train.data.cache import CachedShards, cache_note, open_manifest
 from dist_train.data.clips import (
     CROPS,
     IMAGENET_STATS,
@@ -52,7 +54,7 @@ from dist_train.data.reader import (
     store_of,
     verify_shards,
 )
-from dist_train.data.remote import CachedShards, RemoteError, cache_note, open_manifest
+from dist_train.data.remote import RemoteError
 
 __all__ = [
     "CROPS", "IMAGENET_STATS", "KINETICS_STATS", "MAX_FRAME_PIXELS", "bad_record", "cache_note", "BadDataError",

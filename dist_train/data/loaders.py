@@ -30,10 +30,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_train.data.batches import Batch, BatchFiller, BufferPool, SampleSpec, pool_for
+from dist_train.data.cache import Prefetch
 from dist_train.data.clips import _plain
 from dist_train.data.plan import DataPlan, Samples, eval_share, mix_seed
 from dist_train.data.reader import SampleError, ShardReader, bad_record
-from dist_train.data.remote import Prefetch
 from dist_train.faults import DataStall, StopRequest, fault_hook
 
 

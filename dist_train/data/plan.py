@@ -70,7 +70,7 @@ def _random_keys(n: int, *seed: int) -> np.ndarray:
 class Samples:
     """The samples of one split in canonical order (shard by shard, as packed), and where to read them."""
 
-    store: LocalShards  # or remote.CachedShards: the same methods
+    store: LocalShards  # or cache.CachedShards: the same methods
     fields: tuple[str, ...]  # member suffixes of every sample
     shards: tuple[ShardInfo, ...]
     shard: np.ndarray  # int32 [n]: index into ``shards``

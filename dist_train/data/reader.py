@@ -7,7 +7,7 @@ manifest), and each is checked against the index before it is used: the tar head
 must name that member and give that size, and it must end inside the file.
 
 Where bytes come from: a store turns a shard's name into a local file: ``LocalShards``, the shard
-folder, or ``dist_train.data.remote.CachedShards``, a node-local cache of whole shards fetched from
+folder, or ``dist_train.data.cache.CachedShards``, a node-local cache of whole shards fetched from
 object storage (``Manifest.store`` says which). A sample is read with one ``os.preadv`` of its byte
 range into a buffer the reader reuses (its members lie side by side; members that do not are read one by
 one), not through a memory map: the worker's memory stays bounded by what it reads
@@ -70,7 +70,7 @@ def bad_record(on_bad: str, shard: str, key: str | None, reason: str, count: int
 
 
 class LocalShards:
-    """Shards in a local folder. Its methods are those of every store (``remote.CachedShards`` has the same):
+    """Shards in a local folder. Its methods are those of every store (``cache.CachedShards`` has the same):
     the one place a shard name becomes a file. ``sha256`` and ``size`` (the manifest's) are for a store that
     has to fetch the file; here the reader and ``--verify-shards`` check them."""
 
@@ -93,7 +93,7 @@ class LocalShards:
 
 
 def store_of(manifest: Manifest) -> LocalShards:
-    """Where ``manifest``'s files are read from: the store ``remote.open_manifest`` gave it, or its folder."""
+    """Where ``manifest``'s files are read from: the store ``cache.open_manifest`` gave it, or its folder."""
     return manifest.store if manifest.store is not None else LocalShards(manifest.root)
 
 

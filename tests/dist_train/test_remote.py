@@ -1,5 +1,5 @@
-"""Remote shards through the node-local cache (``dist_train.data.remote``), against a real HTTP server on
-loopback (``tests.remote_servers.RangeHTTPServer``): what is fetched, how often, how faults are ridden out,
+"""Remote shards through the node-local cache (``dist_train.data.cache``, ``dist_train.data.remote``), against a
+real HTTP server on loopback (``tests.remote_servers.RangeHTTPServer``): what is fetched, how often, how faults are ridden out,
 what is evicted and what never leaves the process (secrets). Training from S3 and HTTP: test_remote_train.py."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 
 from dist_train import evaluate
 from dist_train.config import parse_config
-from dist_train.data import read_split, remote
-from dist_train.data.remote import CachedShards, Remote, RemoteError, RemoteMissing, open_manifest
+from dist_train.data import cache, read_split
+from dist_train.data.cache import CachedShards, open_manifest
+from dist_train.data.remote import Remote, RemoteError, RemoteMissing
 from dist_train.locations import check_url, parse_size, public
 from preprocess.shard_format import load_manifest
 from tests.remote_servers import RangeHTTPServer
@@ -77,7 +78,7 @@ def test_a_remote_folder_reads_the_same_samples_and_fetches_each_file_once(http,
 
 
 def test_a_connection_cut_mid_shard_goes_on_from_where_it_stopped(http, sample_shards, tmp_path, monkeypatch):
-    monkeypatch.setattr(remote, "CHUNK", 4096)
+    monkeypatch.setattr(cache, "CHUNK", 4096)
     store = opened(http.url, tmp_path / "cache").store
     info = load_manifest(sample_shards).shards["train"][1]
     read, calls = store.remote.read, []
@@ -240,7 +241,7 @@ def test_preview_reads_a_remote_folder(http, tmp_path):
 def test_a_cache_smaller_than_two_shuffle_windows_is_warned_about(http, sample_shards, tmp_path):
     m = load_manifest(sample_shards)
     biggest = sorted((s.bytes for s in m.shards["train"]), reverse=True)
-    assert remote.cache_note(opened(http.url, tmp_path / "a", size=str(sum(biggest[:2]))), 1) is None
-    note = remote.cache_note(opened(http.url, tmp_path / "b", size=str(sum(biggest[:2]) - 1)), 1)
+    assert cache.cache_note(opened(http.url, tmp_path / "a", size=str(sum(biggest[:2]))), 1) is None
+    note = cache.cache_note(opened(http.url, tmp_path / "b", size=str(sum(biggest[:2]) - 1)), 1)
     assert "raise --cache-size or lower --shuffle-window" in note
-    assert remote.cache_note(m, 1) is None  # local shards: no cache
+    assert cache.cache_note(m, 1) is None  # local shards: no cache
