@@ -1,6 +1,7 @@
 """Remote shards through the node-local cache (``dist_train.data.cache``, ``dist_train.data.remote``), against a
-real HTTP server on loopback (``tests.remote_servers.RangeHTTPServer``): what is fetched, how often, how faults are ridden out,
-what is evicted and what never leaves the process (secrets). Training from S3 and HTTP: test_remote_train.py."""
+real HTTP server on loopback (``tests.remote_servers.RangeHTTPServer``): what is fetched, how often, how faults
+are ridden out, what is evicted and what never leaves the process (secrets). Training from S3 and HTTP:
+test_remote_train.py."""
 
 from __future__ import annotations
 
