@@ -9,7 +9,10 @@ through ``dist_train.data.remote``, which fetches them (and keeps secrets out of
 folder per node, so a cache folder that several nodes share is safe (no lock is ever taken across
 nodes) and each node keeps its own cache (on SLURM the default is node-local: ``$SLURM_TMPDIR`` or
 ``$TMPDIR``). On a node, every process (all ranks and their loader workers) shares it, coordinated by
-``flock`` locks, which the kernel drops when a process dies, so a crash leaves no stale lock:
+``flock`` locks, which the kernel drops when a process dies, so a crash leaves no stale lock (the run
+folder's and the packer's lock files, ``preprocess.lockfile``, outlive their process on purpose and are
+judged stale by host and pid; here a lock only has to last while its holder runs, and readers need
+shared locks), and which hold on NFS too (Linux maps them to NFS byte-range locks):
 
 - ``locks/NAME.lock``: held by the one process downloading ``NAME``; the others wait for it, then use
   its file. A download is written to ``data/.NAME.PID.part``, checked (size and the manifest's sha256)
@@ -47,12 +50,12 @@ CHUNK = 8 << 20  # bytes per ranged request: a worker's download memory, and how
 
 
 class _Flock:
-    """An ``flock`` on a file: exclusive or shared, blocking or not (``acquired`` says)."""
+    """An exclusive ``flock`` on a file, waited for or not (``acquired`` says)."""
 
-    def __init__(self, path: Path, shared: bool = False, wait: bool = True):
+    def __init__(self, path: Path, wait: bool = True):
         self.fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             self.acquired = True
         except BlockingIOError:
             self.acquired = False
