@@ -6,6 +6,7 @@ skipped and counted; no file a run writes holds the secrets it was given."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -121,3 +122,23 @@ def test_a_shard_missing_from_the_store_is_skipped_and_counted(s3, sample_shards
     trained = {k for line in (out / "samples.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]}
     assert f"skipped bad data: shard {gone.name}" in proc.stderr and f"{url}{gone.name} does not exist" in proc.stderr
     assert 0 < results(out)["skipped_train_samples"] <= gone.count and not trained & set(gone.keys)
+
+
+def test_the_s3_server_stopped_and_started_again_is_ridden_out(s3, sample_shards, tmp_path, monkeypatch, caplog):
+    from dist_train.data import open_manifest
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    store = open_manifest(s3.url, tmp_path / "cache", "auto", 5.0, 8).store
+    info = load_manifest(sample_shards).shards["test"][0]
+    s3.stop()
+    restart = threading.Thread(target=lambda: (time.sleep(1.0), s3.start()))
+    restart.start()
+    try:
+        with caplog.at_level(logging.WARNING, "dist_train"):
+            path = store.path(info.name, info.sha256, info.bytes)
+    finally:
+        restart.join(60)
+    assert path.read_bytes() == (sample_shards / info.name).read_bytes()
+    assert f"{s3.url}{info.name}: asking its size" not in caplog.text  # the manifest gave the size
+    assert f"{s3.url}{info.name}: reading bytes 0-{info.bytes - 1} failed" in caplog.text
