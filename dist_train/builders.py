@@ -113,12 +113,15 @@ def make_plan(cfg: TrainConfig, manifest, info: DistInfo, global_batch: int | No
         raise ConfigError(str(e)) from e
 
 
-def sample_specs(cfg: TrainConfig, n_frames: int, n_classes: int) -> tuple[data.SampleSpec, data.SampleSpec]:
-    """How training samples (random crop and flip) and evaluation samples (centre crop) become clips."""
+def sample_specs(cfg: TrainConfig, n_frames: int, n_classes: int,
+                 temporal_views: int = 1) -> tuple[data.SampleSpec, data.SampleSpec]:
+    """How training samples (random crop and flip, a random frame of each segment) and evaluation samples
+    (centre crop, every temporal view) become clips; ``n_frames`` and ``temporal_views`` are the manifest's."""
     train = data.SampleSpec(n_frames, n_classes, data.ClipTransform(cfg.img_size, True, cfg.crop_scale, cfg.hflip,
-                                                                    crop=cfg.train_crop), cfg.on_bad_sample, cfg.decode)
+                                                                    crop=cfg.train_crop), cfg.on_bad_sample, cfg.decode,
+                            temporal_views, "jitter" if cfg.temporal_jitter else "centre")
     return train, evaluation.eval_spec(n_frames, n_classes, cfg.img_size, cfg.train_crop, cfg.on_bad_sample,
-                                       cfg.decode)
+                                       cfg.decode, temporal_views=temporal_views)
 
 
 def make_stepper(cfg: TrainConfig, info: DistInfo, model: nn.Module, steps_per_epoch: int,

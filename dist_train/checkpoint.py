@@ -21,7 +21,8 @@ global data position: ``epoch``, ``samples_consumed``, ``global_batch`` and the 
 set, see ``dist_train.data.plan``), ``rng`` (per-rank RNG states), ``state`` (the trainer's
 ``TrainState``: per-epoch ``history``, the best validation top-1 and its epoch, ...), ``config``
 (resolved), ``classes``,
-``packing`` (frames, short_side, quality, min_frames of the shards: how predict prepares raw videos),
+``packing`` (frames, temporal_views, short_side, quality, min_frames of the shards: how predict prepares raw
+videos),
 ``world_size``, ``wandb_run_id``, ``kind`` (``"last"`` or ``"best"``) and ``time``.
 
 Test hook (with ``DIST_TRAIN_FAULT_INJECTION=1``, see ``dist_train.faults``):

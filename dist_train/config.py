@@ -97,6 +97,10 @@ class TrainConfig:
     workers: int | str = _f("auto", "DataLoader worker processes per training process (0 = load in the main process); "
                                     "auto = the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK) shared by "
                                     "the processes on the node, less one, between 1 and 16", parse=_workers)
+    temporal_jitter: bool = _f(True, "with shards of K > 1 frames per segment (preprocess.shard --temporal-views K): "
+                                     "each training clip takes one of each segment's K frames at random, seeded "
+                                     "like the crops (a resume stays exact); --no-temporal-jitter takes the middle "
+                                     "one. Evaluation averages the K temporal views")
     shuffle_window: int = _f(16, "shards whose samples are shuffled together (the order also permutes the shards): "
                                  "larger mixes more, smaller reads fewer shards at a time")
     decode: str = _f("cpu", "where JPEG frames are decoded: cpu (in the DataLoader workers) or gpu (batched nvjpeg in "

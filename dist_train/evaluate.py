@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report folder (default: eval-<checkpoint stem>-<split> beside the checkpoint)")
     p.add_argument("--views", type=int, default=1, choices=(1, 3),
                    help="spatial crops per video, probabilities averaged (1 = the trainer's centre crop)")
+    p.add_argument("--temporal-views", default="all",
+                   help="of shards packed with --temporal-views K: all = the K temporal views, probabilities "
+                        "averaged; 1 = the middle frame of each segment only (for odd K, the frames a one-view "
+                        "pack holds)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per process per batch")
     p.add_argument("--workers", default="auto", help="DataLoader workers per process (auto: from the CPUs this process "
                                                       "may use, as the trainer's --workers)")
@@ -66,6 +70,7 @@ def report_markdown(r: dict) -> str:
         "",
         "| metric | value |", "|---|---|",
         f"| top-1 | {r['top1']:.4f} |", f"| top-5 | {r['top5']:.4f} |",
+        f"| top-1 of single views | {r['view_top1']:.4f} |",
         f"| mean per-class accuracy | {r['mean_class_accuracy']:.4f} |", f"| loss | {r['loss']:.4f} |",
         f"| unreadable samples | {r['unreadable']} |", f"| views | {r['views_note']} |",
         "", "## Per-class accuracy", "", "| class | clips | accuracy |", "|---|---:|---:|",
@@ -111,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         classes, cfg = ckpt["classes"], ckpt["config"]
         samples = data.Samples.of(manifest, a.split)
+        if a.temporal_views not in ("all", "1"):
+            print(f"error: --temporal-views must be all or 1, got {a.temporal_views!r}", file=sys.stderr)
+            return 2
         spec = eval_spec(manifest.n_frames, len(classes), cfg["img_size"], cfg["train_crop"], a.on_bad_sample, "cpu",
-                         a.views)
+                         a.views, manifest.temporal_views, all_temporal=a.temporal_views == "all")
         model.to(info.device)
         r = evaluate_samples(model, samples, np.arange(len(samples)), spec, classes=classes,
                              layout=input_layout(cfg["model"]), stats=data.normalization(cfg["model"]),
@@ -135,8 +143,8 @@ def _write_report(a: argparse.Namespace, r: dict, manifest: fmt.Manifest, classe
         per_class_count=dict(zip(classes, counts)),
         most_confused=most_confused(r["confusion"], classes),
         views=a.views,
-        views_note=f"{a.views} spatial x 1 temporal (shards hold {manifest.n_frames} frames per video, "
-                   f"the clip length the model was trained on, so one temporal view)",
+        views_note=f"{r['views']} (the shards hold {manifest.temporal_views} frame(s) in each of "
+                   f"{manifest.frames} segments)",
     )
     out = Path(a.out) if a.out else default_out(a.checkpoint, a.split)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,24 +76,41 @@ class SpatialViews(data.ClipTransform):
 
 
 def eval_spec(n_frames: int, num_classes: int, img_size: int, crop: str, on_bad: str, decode: str = "cpu",
-              views: int = 1) -> data.SampleSpec:
+              views: int = 1, temporal_views: int = 1, all_temporal: bool = True) -> data.SampleSpec:
     """How evaluation turns samples into clips: the centre crop, or ``views`` spatial crops, at the scale
-    of training mode ``crop`` (``TrainConfig.train_crop``)."""
+    of training mode ``crop`` (``TrainConfig.train_crop``); of shards of ``temporal_views`` frames per
+    segment, every temporal view (``all_temporal``; the centre one with ``--decode gpu``) or the centre one."""
     transform = (data.ClipTransform(img_size, False, crop=crop) if views == 1
                  else SpatialViews(img_size, False, crop=crop, views=views))
-    return data.SampleSpec(n_frames, num_classes, transform, on_bad, decode)
+    temporal = "all" if all_temporal and decode != "gpu" else "centre"
+    return data.SampleSpec(n_frames, num_classes, transform, on_bad, decode, temporal_views, temporal)
+
+
+def view_logits(model: torch.nn.Module, video: torch.Tensor, layout: str, stats: tuple, autocast=None) -> torch.Tensor:
+    """Logits ``[B, V, C]`` of uint8 clips ``[B, V, T, 3, H, W]`` (views: temporal x spatial), or ``[B, 1, C]``
+    of ``[B, T, 3, H, W]``."""
+    video = video if video.dim() == 6 else video[:, None]
+    with autocast or nullcontext():
+        logits = model(data.to_model_input(video.flatten(0, 1), layout, stats)).float()
+    return logits.view(video.shape[0], video.shape[1], -1)
+
+
+def averaged(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` scores of view logits ``[B, V, C]``: the log of the view-averaged probabilities (so softmax and
+    argmax read the same way), or the logits themselves for one view."""
+    return logits[:, 0] if logits.shape[1] == 1 else logits.softmax(-1).mean(1).log()
+
+
+def views_of(spec: data.SampleSpec) -> str:
+    """What each clip's score averages, e.g. "3 temporal x 1 spatial views"."""
+    spatial = spec.transform.views if isinstance(spec.transform, SpatialViews) else 1
+    return f"{spec.temporal_views if spec.multi_view else 1} temporal x {spatial} spatial views"
 
 
 def class_scores(model: torch.nn.Module, video: torch.Tensor, layout: str, stats: tuple, autocast=None) -> torch.Tensor:
-    """Logits ``[B, C]`` of uint8 clips ``[B, T, 3, H, W]``; for ``[B, V, T, 3, H, W]`` the log of the
-    view-averaged probabilities (so softmax and argmax read the same way)."""
-    views = video.shape[1] if video.dim() == 6 else 0
-    x = video.flatten(0, 1) if views else video
-    with autocast or nullcontext():
-        logits = model(data.to_model_input(x, layout, stats)).float()
-    if not views:
-        return logits
-    return logits.view(video.shape[0], views, -1).softmax(-1).mean(1).log()
+    """``averaged(view_logits(...))``: logits ``[B, C]`` of ``[B, T, 3, H, W]``, view-averaged log-probabilities
+    of ``[B, V, T, 3, H, W]``."""
+    return averaged(view_logits(model, video, layout, stats, autocast))
 
 
 @torch.no_grad()
@@ -102,7 +119,9 @@ def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: d
                      batch_size: int = 8, workers: int = 0, autocast=None, split: str = "test",
                      keep_predictions: bool = False, bad_shards: dict[str, str] | None = None,
                      data_timeout: float = 0.0) -> dict:
-    """Loss, top-1/5, per-class accuracy and confusion matrix of samples ``ids`` (all ranks call this).
+    """Loss, top-1/5, per-class accuracy and confusion matrix of samples ``ids`` (all ranks call this), over
+    the views each clip holds (``spec``: temporal x spatial) averaged per video; ``view_top1`` is the mean
+    top-1 of the single views (the clip-level accuracy; equal to ``top1`` with one view).
 
     Each rank reads a disjoint block of the samples with the plain (unwrapped) model, so ranks may see
     different batch counts; one SUM all-reduce combines them. Raises ``RuntimeError`` unless
@@ -115,7 +134,7 @@ def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: d
     was_training = model.training
     model.eval()
     confusion = torch.zeros(c * c, dtype=torch.float64, device=device)
-    extra = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-5 hits, unreadable
+    extra = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-5 hits, unreadable, view hits
     bad: list[dict] = []
     predictions: list[dict] = []
     try:
@@ -125,7 +144,9 @@ def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: d
             extra[2] += sum(b["count"] for b in bad_here)
             if labels.numel() == 0:
                 continue
-            scores = class_scores(model, video, layout, stats, autocast)
+            logits = view_logits(model, video, layout, stats, autocast)
+            scores = averaged(logits)
+            extra[3] += logits.argmax(-1).eq(labels[:, None]).double().mean(1).sum()
             extra[0] += F.cross_entropy(scores, labels, reduction="sum").double()
             top = scores.topk(min(5, c), 1)
             extra[1] += top.indices.eq(labels[:, None]).any(1).sum().double()
@@ -138,7 +159,7 @@ def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: d
         model.train(was_training)
     totals = all_reduce(torch.cat([confusion, extra]))
     matrix = totals[: c * c].view(c, c).long().cpu()
-    loss_sum, top5, unreadable = totals[c * c:].tolist()
+    loss_sum, top5, unreadable, view_hits = totals[c * c:].tolist()
     n, expected = int(matrix.sum()), len(ids)
     if world_size > 1:
         bad = [r for records in all_gather_object(bad) for r in records]
@@ -149,8 +170,9 @@ def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: d
                            f"{expected}: the evaluation data plan lost or repeated samples")
     per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
     result = {"loss": loss_sum / max(n, 1), "top1": float(matrix.diag().sum()) / max(n, 1),
-              "top5": top5 / max(n, 1), "n_samples": n, "unreadable": int(unreadable),
-              "per_class": dict(zip(classes, per_class)), "confusion": matrix.tolist(), "bad": bad}
+              "top5": top5 / max(n, 1), "view_top1": view_hits / max(n, 1), "views": views_of(spec),
+              "n_samples": n, "unreadable": int(unreadable), "per_class": dict(zip(classes, per_class)),
+              "confusion": matrix.tolist(), "bad": bad}
     if keep_predictions:
         result["predictions"] = sorted(predictions, key=lambda p: p["key"])
     return result

@@ -42,8 +42,9 @@ class Predictor:
                                      "dist_train.evaluate)")
         try:
             self.layout, self.stats = input_layout(cfg["model"]), data.normalization(cfg["model"])
-            self.transform = eval_spec(packing["frames"], len(self.classes), cfg["img_size"], cfg["train_crop"],
-                                       "error", views=views).transform
+            k = packing.get("temporal_views", 1)  # frames per segment: the views averaged, as evaluation does
+            self.spec = eval_spec(packing["frames"] * k, len(self.classes), cfg["img_size"], cfg["train_crop"],
+                                  "error", views=views, temporal_views=k)
         except KeyError as e:
             raise UnusableCheckpoint(f"cannot use checkpoint {checkpoint}: its config or packing record lacks {e} "
                                      "(an older version); retrain, or evaluate it on shards instead") from None
@@ -52,7 +53,7 @@ class Predictor:
     def clip(self, jpegs: list[bytes]) -> torch.Tensor:
         """The evaluation clip of one video's packed JPEG frames; ``VideoError`` when they cannot form one."""
         try:
-            return data.make_clip(jpegs, self.transform, None)
+            return self.spec.make(jpegs, None)
         except ValueError as e:  # e.g. frames of different sizes: the resolution changed mid-stream
             raise VideoError(f"its frames cannot form one clip ({e}); re-encode it at one frame size, "
                              "e.g. ffmpeg -i IN -vf scale=W:H OUT") from None
@@ -61,7 +62,7 @@ class Predictor:
     def __call__(self, path: str, topk: int = 5) -> list[tuple[str, float]]:
         """The ``topk`` classes of one video with their probabilities; raises ``VideoError``."""
         p = self.packing
-        _, jpegs = read_clip_jpegs(path, p["frames"], p["short_side"], p["quality"], p.get("min_frames") or 1)
+        _, jpegs = read_clip_jpegs(path, self.spec.n_frames, p["short_side"], p["quality"], p.get("min_frames") or 1)
         clip = self.clip(jpegs).to(self.device)
         probs = class_scores(self.model, clip[None], self.layout, self.stats).softmax(-1)[0]
         top = probs.topk(min(topk, len(self.classes)))

@@ -139,7 +139,7 @@ class Stepper:
         BatchNorm layers run in eval mode meanwhile, so their statistics see no made-up data (the rest stays
         in training mode: cuDNN's LSTM has no backward pass in eval mode)."""
         s = self.spec.transform.size
-        video = torch.zeros((1, self.spec.n_frames, 3, s, s), dtype=torch.uint8, device=self.device)
+        video = torch.zeros((1, self.spec.frames, 3, s, s), dtype=torch.uint8, device=self.device)
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.eval()

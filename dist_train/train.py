@@ -86,9 +86,10 @@ class Trainer:
         self.cfg = cfg = replace(cfg, global_batch=self.plan.global_batch)
         self.classes = manifest.classes
         # How the frames were packed: predict.py prepares raw videos exactly the same way.
-        self.packing = {"frames": manifest.n_frames,
+        self.packing = {"frames": manifest.frames, "temporal_views": manifest.temporal_views,
                         **{k: manifest.args.get(k) for k in ("short_side", "quality", "min_frames")}}
-        self.train_spec, self.eval_spec = builders.sample_specs(cfg, manifest.n_frames, len(self.classes))
+        self.train_spec, self.eval_spec = builders.sample_specs(cfg, manifest.n_frames, len(self.classes),
+                                                                manifest.temporal_views)
         self.stepper = builders.make_stepper(cfg, info, model, self.plan.steps_per_epoch, self.train_spec)
         self.model = self.stepper.model
         self.state, self.epoch_sums = TrainState(), Sums()  # epoch_sums: this rank's, since the epoch started

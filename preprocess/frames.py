@@ -34,6 +34,13 @@ def select_indices(n_decoded: int, n_frames: int) -> list[int]:
     floor((2i + 1) * n_decoded / (2 * n_frames)), in integer arithmetic (no float drift, no
     overflow). With fewer decoded frames than wanted, every frame is used and repeats evenly
     (each ``n_frames // n_decoded`` or one more times), still in order.
+
+    ``select_indices(n, frames * k)`` is ``frames`` segments with ``k`` evenly spaced frames in each
+    (``--temporal-views``): index ``i * k + j`` is offset ``j`` of segment i, a frame that overlaps the
+    segment's span [i * n / frames, (i + 1) * n / frames), i.e. in [floor(i * n / frames),
+    ceil((i + 1) * n / frames)) (neighbouring segments may share the frame that straddles their border),
+    and distinct when n >= frames * k. For odd k the middle offset ``(k - 1) // 2`` is exactly
+    ``select_indices(n, frames)[i]``.
     """
     if n_decoded < 1 or n_frames < 1:
         raise ValueError(f"need n_decoded >= 1 and n_frames >= 1, got {n_decoded}, {n_frames}")

@@ -1,6 +1,6 @@
 """Pack a folder of labelled videos into WebDataset shards.
 
-    python -m preprocess.shard data/ shards/ [--frames 16] [--short-side 128] [--split stratified]
+    python -m preprocess.shard data/ shards/ [--frames 16] [--temporal-views 1] [--short-side 128] [--split stratified]
 
 ``data/<class>/**/<video>`` -> ``shards/{train,test}-NNNNNN.tar`` + ``shards/manifest.json``.
 Classes are the sorted names of the non-hidden sub-folders; a video that cannot be used is skipped
@@ -34,6 +34,7 @@ class PackConfig:
     input: str
     output: str
     frames: int = 16
+    temporal_views: int = 1  # frames stored per segment: a sample holds frames * temporal_views
     short_side: int = 128
     quality: int = 90
     min_frames: int = 1
@@ -54,6 +55,11 @@ class PackConfig:
     def __post_init__(self):
         checks = [
             (self.frames >= 1, f"--frames must be >= 1, got {self.frames}"),
+            (1 <= self.temporal_views <= fmt.MAX_TEMPORAL_VIEWS,
+             f"--temporal-views must be 1..{fmt.MAX_TEMPORAL_VIEWS}, got {self.temporal_views}"),
+            (self.frames * self.temporal_views <= fmt.MAX_STORED_FRAMES,
+             f"--frames x --temporal-views must be at most {fmt.MAX_STORED_FRAMES} (frames stored per video), got "
+             f"{self.frames} x {self.temporal_views}"),
             (self.short_side >= 8, f"--short-side must be >= 8, got {self.short_side}"),
             (1 <= self.quality <= 100, f"--quality must be 1..100, got {self.quality}"),
             (self.min_frames >= 1, f"--min-frames must be >= 1, got {self.min_frames}"),
@@ -71,6 +77,15 @@ class PackConfig:
                 raise ValueError(msg)
         if self.workers <= 0:
             self.workers = os.cpu_count() or 1
+
+    @property
+    def stored_frames(self) -> int:
+        """Frames stored per sample: ``frames`` segments, ``temporal_views`` evenly spaced frames in each.
+
+        Exactly ``select_indices(n, frames * temporal_views)``: the middles of that many equal sub-segments,
+        sub-segment ``i * K + k`` being offset ``k`` of segment ``i``.
+        """
+        return self.frames * self.temporal_views
 
     def recorded(self) -> dict:
         d = asdict(self)
@@ -162,7 +177,7 @@ def _write_shards(cfg: PackConfig, folder: Path, todo: list[tuple[Item, str]], c
     skipped: list[dict] = []
     writers: dict[str, fmt.ShardWriter] = {}
     bar = _progress(len(todo), cfg.progress)
-    args = (cfg.frames, cfg.short_side, cfg.quality, cfg.min_frames, cfg.max_pixels, cfg.max_frames)
+    args = (cfg.stored_frames, cfg.short_side, cfg.quality, cfg.min_frames, cfg.max_pixels, cfg.max_frames)
     # In worker processes, results in input order: a crash or a hang of the decoder is a Failed.
     results = workers.run_guarded(encode_item, [(it, *args) for it, _ in todo], cfg.workers, cfg.video_timeout,
                                   _init_worker, (cfg.input,))
@@ -233,7 +248,9 @@ def _pack_staged(cfg: PackConfig, out: Path, classes: list[str], n_items: int, t
         manifest = {
             "format_version": fmt.FORMAT_VERSION,
             "classes": [printable(c) for c in classes],
-            "n_frames": cfg.frames,
+            "n_frames": cfg.stored_frames,  # per sample, what the member names depend on
+            "frames": cfg.frames,  # the clip length a model sees
+            "temporal_views": cfg.temporal_views,
             "args": cfg.recorded(),
             "splits": {
                 s: {"count": sum(x["count"] for x in shards[s]), "per_class": per_class[s], "shards": shards[s]}
@@ -294,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder for the shards and manifest.json")
     p.add_argument("--frames", type=int, default=d.frames,
                    help="frames per video, equally spaced over the decodable frames")
+    p.add_argument("--temporal-views", type=int, default=d.temporal_views,
+                   help="frames stored per segment (1..16): each of the --frames equal segments of the video "
+                        "stores this many evenly spaced frames (TSN-style), so a sample holds frames x K frames "
+                        "and a reader can pick K different clips; storage grows K-fold")
     p.add_argument("--short-side", type=int, default=d.short_side,
                    help="resize frames so the short side is this many pixels")
     p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality 1..100")

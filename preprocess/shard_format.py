@@ -4,14 +4,22 @@ A shard folder holds ``train-000000.tar``, ``test-000000.tar``, ..., one index f
 (``train-000000.idx``), ``wids-train.json`` / ``wids-test.json`` and ``manifest.json``.
 Each tar holds one sample per video, all members named ``<key>.<field>`` with a dot-free key:
 
-    00000042.000.jpg ... 00000042.015.jpg   RGB JPEG frames in time order
+    00000042.000.jpg ... 00000042.015.jpg   RGB JPEG frames in time order (``n_frames`` of them)
     00000042.cls                             integer label, ASCII
     00000042.json                            metadata (see ``preprocess.shard.encode_item``)
 
+A sample holds ``frames`` segments of the video times ``temporal_views`` frames per segment, in time
+order: ``n_frames = frames * temporal_views`` frames are stored, and stored frame ``i * temporal_views + k``
+is offset ``k`` of segment ``i`` (``view_positions``). ``temporal_views`` is 1 unless packed with
+``--temporal-views``; then every segment holds that many frames, each view a full clip of ``frames``.
+
 The index is DALI's ``wds2idx`` format (version ``v1.2``): a first line ``v1.2 <samples>``, then
 one line per sample of ``<field> <data offset> <size> <member name>`` groups, one per member.
-The manifest lists every shard with its sample count, sha256, size, its index's sha256, and each
-sample's key, label and group (source film), so a data plan needs nothing but the manifest.
+The manifest gives ``n_frames`` (frames stored per sample: what the member names depend on),
+``frames`` (the clip length a model sees) and ``temporal_views`` (frames per segment; an older manifest
+without it has 1, and no ``frames``), and lists every shard with its sample count, sha256, size, its
+index's sha256, and each sample's key, label and group (source film), so a data plan needs nothing but
+the manifest.
 
 Nothing outside this module spells out member names, shard names, the index or the manifest layout.
 Reading is validated here too (``load_manifest``, ``parse_index``): a hostile or damaged file gives a
@@ -35,6 +43,8 @@ import numpy as np
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "test")
+MAX_TEMPORAL_VIEWS = 16
+MAX_STORED_FRAMES = 1000  # frames per sample (the manifest's n_frames)
 LABEL_FIELD = "cls"
 META_FIELD = "json"
 FRAME_EXT = "jpg"
@@ -69,6 +79,18 @@ def frame_fields(n_frames: int) -> tuple[str, ...]:
 def sample_fields(n_frames: int) -> tuple[str, ...]:
     """Every member suffix of a sample, in the order the packer writes and the index lists them."""
     return (*frame_fields(n_frames), LABEL_FIELD, META_FIELD)
+
+
+def view_positions(frames: int, temporal_views: int, view: int) -> list[int]:
+    """Stored positions of temporal view ``view`` of a sample: offset ``view`` of each of its ``frames`` segments.
+
+    A sample packed with ``temporal_views`` K stores K frames per segment, segment by segment, so
+    position ``i * K + view`` is that view's frame of segment ``i``; the ``frames`` positions returned are
+    in time order. With K = 1 (and view 0) it is every stored frame.
+    """
+    if frames < 1 or temporal_views < 1 or not 0 <= view < temporal_views:
+        raise ValueError(f"need frames >= 1 and 0 <= view < temporal_views, got {frames}, {temporal_views}, {view}")
+    return [i * temporal_views + view for i in range(frames)]
 
 
 def sample_key(video_id: int) -> str:
@@ -270,17 +292,23 @@ class Manifest:
 
     root: Path
     classes: list[str]
-    n_frames: int
+    n_frames: int  # frames stored per sample: frames * temporal_views
     shards: dict[str, list[ShardInfo]]
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     args: dict = field(default_factory=dict)
+    temporal_views: int = 1  # stored frames per segment (``view_positions``)
     # Where the reader finds the files (dist_train.data's stores); None: in ``root``.
     store: object = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def frames(self) -> int:
+        """Clip length a model sees: the segments of a sample (one frame of each per temporal view)."""
+        return self.n_frames // self.temporal_views
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -363,8 +391,17 @@ def parse_manifest(raw, root: Path) -> Manifest:
     if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes) \
             or len(set(classes)) != len(classes):
         raise FormatError(f"{path}: classes must be a list of distinct class names")
-    if not _is_int(n_frames) or not 1 <= n_frames <= 1000:
-        raise FormatError(f"{path}: n_frames must be an integer in 1..1000, got {n_frames!r}")
+    if not _is_int(n_frames) or not 1 <= n_frames <= MAX_STORED_FRAMES:
+        raise FormatError(f"{path}: n_frames must be an integer in 1..{MAX_STORED_FRAMES}, got {n_frames!r}")
+    views = raw.get("temporal_views", 1)  # absent: packed before --temporal-views, one frame per segment
+    if not _is_int(views) or not 1 <= views <= MAX_TEMPORAL_VIEWS:
+        raise FormatError(f"{path}: temporal_views must be an integer in 1..{MAX_TEMPORAL_VIEWS}, got {views!r}")
+    if n_frames % views:
+        raise FormatError(f"{path}: n_frames ({n_frames}) must be a multiple of temporal_views ({views}): "
+                          "frames x temporal_views frames are stored per sample")
+    if "frames" in raw and (not _is_int(raw["frames"]) or raw["frames"] != n_frames // views):
+        raise FormatError(f"{path}: frames must be n_frames / temporal_views = {n_frames // views}, "
+                          f"got {raw['frames']!r}")
     if not isinstance(splits, dict) or not set(splits) <= set(SPLITS):
         raise FormatError(f"{path}: splits must be an object with keys among {', '.join(SPLITS)}")
     shards, per_class = {}, {}
@@ -388,7 +425,7 @@ def parse_manifest(raw, root: Path) -> Manifest:
     if not isinstance(raw.get("skipped", []), list) or not isinstance(raw.get("args", {}), dict):
         raise FormatError(f"{path}: skipped must be a list and args must be an object")
     return Manifest(root=Path(root), classes=list(classes), n_frames=n_frames, shards=shards, per_class=per_class,
-                    skipped=list(raw.get("skipped", [])), args=dict(raw.get("args", {})))
+                    skipped=list(raw.get("skipped", [])), args=dict(raw.get("args", {})), temporal_views=views)
 
 
 @dataclass(frozen=True)

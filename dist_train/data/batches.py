@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import get_worker_info
 
 from dist_train.data.clips import ClipTransform, _plain, frame_size, make_clip
+from dist_train.data.plan import mix_seed
 from dist_train.data.reader import bad_record
-from preprocess.shard_format import LABEL_FIELD, frame_fields, split_sample
+from preprocess.shard_format import LABEL_FIELD, frame_fields, split_sample, view_positions
 
 
 def parse_sample(sample: dict, n_frames: int, num_classes: int) -> tuple[list, int]:
@@ -45,15 +46,60 @@ def parse_sample(sample: dict, n_frames: int, num_classes: int) -> tuple[list, i
     return frames, label
 
 
+TEMPORAL = ("jitter", "centre", "all")  # SampleSpec.temporal
+
+
 @dataclass
 class SampleSpec:
-    """What a worker needs to turn samples into clips."""
+    """What a worker needs to turn samples into clips.
+
+    A sample stores ``n_frames`` frames: ``frames`` segments of ``temporal_views`` frames each (the
+    manifest's ``temporal_views``, ``preprocess.shard --temporal-views``). A clip takes one frame per
+    segment, by ``temporal``: ``jitter`` one of them at random, seeded by the clip's seed (training);
+    ``centre`` the middle one (offset ``(K - 1) // 2``; for odd K exactly the frame a one-view pack
+    stores); ``all`` every temporal view (view k: offset k of every segment), stacked before the
+    spatial views: ``[K x S, T, ...]``, whose scores evaluation averages."""
 
     n_frames: int
     num_classes: int
     transform: ClipTransform
     on_bad: str
     decode: str = "cpu"
+    temporal_views: int = 1
+    temporal: str = "centre"
+
+    @property
+    def frames(self) -> int:
+        """Frames of a clip (``T``): one per segment."""
+        return self.n_frames // self.temporal_views
+
+    @property
+    def multi_view(self) -> bool:
+        """Whether a clip is several temporal views (then it has no plain ``[T, S, S, 3]`` shape)."""
+        return self.temporal == "all" and self.temporal_views > 1
+
+    def pick(self, jpegs: Sequence, seed: int | None) -> list[list]:
+        """The frames of each temporal view the clip takes (one list unless ``multi_view``)."""
+        k, t = self.temporal_views, self.frames
+        if k == 1:
+            return [list(jpegs)]
+        if self.temporal == "all":
+            return [[jpegs[p] for p in view_positions(t, k, v)] for v in range(k)]
+        if self.temporal == "jitter" and seed is not None:
+            offsets = np.random.PCG64(mix_seed(seed, 0x7E3D)).random_raw(t) % k
+            return [[jpegs[i * k + int(o)] for i, o in enumerate(offsets)]]
+        return [[jpegs[p] for p in view_positions(t, k, (k - 1) // 2)]]
+
+    def make(self, jpegs: Sequence, seed: int | None, out: np.ndarray | None = None):
+        """The clip of a sample's stored frames ``jpegs`` (see ``pick``); ``out`` as for ``make_clip``."""
+        views = self.pick(jpegs, seed)
+        if len(views) == 1:
+            if out is not None and self.transform.train and _plain(self.transform):  # the batch filler's hot path
+                self.transform.train_clip(views[0], *frame_size(views[0]), seed, out)
+                return out
+            return make_clip(views[0], self.transform, seed, out=out)
+        parts = [make_clip(v, self.transform, seed) for v in views]
+        return torch.cat(parts) if parts[0].dim() == 5 else torch.stack(parts)
 
     def clip(self, sample: dict, seed: int | None, out: np.ndarray | None = None,
              label: int | None = None) -> tuple[object, int] | dict:
@@ -66,11 +112,8 @@ class SampleSpec:
             if label is not None and got != label:
                 raise ValueError(f"its label member says {got}, manifest.json says {label}")
             if self.decode == "gpu":  # the frames travel to the training process: copies of the reader's views
-                return [bytes(j) for j in jpegs], got
-            if out is not None and self.transform.train and _plain(self.transform):  # the batch filler's hot path
-                self.transform.train_clip(jpegs, *frame_size(jpegs), seed, out)
-                return out, got
-            return make_clip(jpegs, self.transform, seed, out=out), got
+                return [bytes(j) for j in self.pick(jpegs, seed)[0]], got
+            return self.make(jpegs, seed, out), got
         except Exception as e:
             return bad_record(self.on_bad, sample.get("__shard__", "?"), sample.get("__key__"),
                               f"{type(e).__name__}: {e}")
@@ -226,14 +269,14 @@ class BatchFiller:
         self.spec, self.size, self.worker = spec, size, worker
         self.generation = int(pool.generation) if pool is not None else 0
         # Plain transforms have a known output shape, so each clip is written into its slot.
-        self.direct = spec.decode != "gpu" and _plain(spec.transform)
+        self.direct = spec.decode != "gpu" and _plain(spec.transform) and not spec.multi_view
         if self.direct:
             s = spec.transform.size
-            pool = pool or BufferPool(1, size, (spec.n_frames, s, s, 3), shared=False)
+            pool = pool or BufferPool(1, size, (spec.frames, s, s, 3), shared=False)
             # Each clip is made in this one buffer, which stays in the CPU's cache, then copied into its
             # batch slot in one pass: 7% of a worker's time less than cropping frame by frame into a batch
             # that does not fit in the cache (2-core AMD EPYC VM, 2026-12-01; bench.load).
-            self.scratch = np.empty((spec.n_frames, s, s, 3), np.uint8)
+            self.scratch = np.empty((spec.frames, s, s, 3), np.uint8)
         self.pool = pool
         self._clear()
 

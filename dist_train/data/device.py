@@ -61,7 +61,7 @@ def materialize(batch: Batch, spec: SampleSpec, device: torch.device) -> Clips:
 def _materialize_jpegs(batch: Batch, spec: SampleSpec, device: torch.device, keys: list[str], bad: list[dict]) -> Clips:
     seeds = [s if spec.transform.train else None for s in batch.seeds.tolist()]
     decoded = _decode_batch([f for frames in batch.jpegs for f in frames], device)
-    t = spec.n_frames
+    t = spec.frames
     clips: dict[int, torch.Tensor] = {}
     if decoded is not None:
         groups = {}

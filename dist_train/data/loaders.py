@@ -133,9 +133,9 @@ def _loader(dataset: _Stream, workers: int, pin: bool, seed: int, rank: int, tim
     workers = min(workers, len(dataset))
     dataset.samples.indexes.load_all()  # here, once: the workers inherit them
     spec, fork = dataset.spec, "fork" in multiprocessing.get_all_start_methods()
-    if workers and fork and spec.decode != "gpu" and _plain(spec.transform):
+    if workers and fork and spec.decode != "gpu" and _plain(spec.transform) and not spec.multi_view:
         s = spec.transform.size  # buffers the workers inherit: a batch crosses as its address
-        dataset.pool = pool_for(dataset, workers, _batch_size(dataset.batches), (spec.n_frames, s, s, 3))
+        dataset.pool = pool_for(dataset, workers, _batch_size(dataset.batches), (spec.frames, s, s, 3))
     # An own generator: creating a loader must not draw from the global RNG (dropout's stream), or a
     # resumed run would drift from an uninterrupted one.
     return DataLoader(

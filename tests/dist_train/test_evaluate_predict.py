@@ -61,7 +61,8 @@ def test_report_files_and_content(report):
     assert sum(c["count"] for c in r["most_confused"]) == wrong
     md = (out / "report.md").read_text()
     assert "| top-1 |" in md and "| grow |" in md and "Most confused pairs" in md
-    assert "one temporal view" in md and md.strip() in report["stdout"]
+    assert "1 temporal x 1 spatial views" in md and md.strip() in report["stdout"]
+    assert r["view_top1"] == r["top1"]  # one view: the clip-level and video-level accuracy are one
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 15 and all(p["path"].endswith(".avi") for p in preds)
