@@ -108,3 +108,17 @@ def test_predict_reads_every_temporal_view_of_a_raw_video(learned, tmp_path):
     assert three.spec.n_frames == 3 * frames and clip3.shape[0] == 3  # three views of `frames` frames
     assert torch.equal(clip3[1], one.clip(jpegs1))  # the middle view is the one-view clip
     assert sum(prob for _, prob in three(video)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_resume_at_another_world_size_gives_every_clip_the_same_frames(three_views):
+    m = three_views[1]
+    s = data.SampleSpec(m.n_frames, m.num_classes, data.ClipTransform(16, True), "error", temporal_views=3,
+                        temporal="jitter")  # random crops and flips too
+    whole = clips_by_key(data.make_plan(m, data.resolve_layout(1, 2, 1, 4), workers=0, seed=3), s, 1)
+    plan2 = data.make_plan(m, data.resolve_layout(2, 2, 1, 4), workers=0, seed=3)
+    resumed = {}
+    for rank in (0, 1):
+        for batch in TrainStream(plan2, s, rank, 1, start_step=1):
+            resumed.update(zip(batch.keys, batch.video.clone()))
+    assert len(resumed) >= 4 and set(resumed) < set(whole)
+    assert all(torch.equal(resumed[k], whole[k]) for k in resumed)
