@@ -259,12 +259,8 @@ def test_the_suggested_place_in_a_run_folder_is_allowed(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_export_a_real_training_run(sample_shards, tmp_path):
-    from tests.dist_train.dt_helpers import TINY, check, run_trainer
-
-    out = tmp_path / "run"
-    check(run_trainer(["--shards", str(sample_shards), "--out", str(out), "--epochs", "1", "--workers", "0",
-                       "--val-fraction", "0", *TINY], nproc=None, timeout=400))
+def test_export_a_real_training_run(learned, tmp_path):
+    out = learned["out"]  # the session's 2-process training run
     for fmt in ("torchscript", "onnx"):
         needs_onnx(fmt)
         p = subprocess.run([sys.executable, "-m", "dist_train.export", "--checkpoint", str(out / "best.pt"),
