@@ -47,7 +47,10 @@ def _read_batches(samples: Samples, spec: SampleSpec, batches: list[np.ndarray],
     """This worker's share (every ``W``-th) of ``batches`` (arrays of sample ids), read, decoded and batched;
     from a remote store, its next ``ahead`` shards are fetched meanwhile."""
     i, n_workers = _worker()
-    reader = ShardReader(samples.store, samples.shards, samples.fields, bad_shards, indexes=samples.indexes)
+    # From a remote store, a shard open is a shard in use that the cache cannot evict: hold open only the
+    # shards of a shuffle window (the samples of a window interleave), plus one.
+    reader = ShardReader(samples.store, samples.shards, samples.fields, bad_shards, indexes=samples.indexes,
+                         max_open=min(16, ahead + 1) if samples.store.remote_store else 16)
     filler = BatchFiller(spec, _batch_size(batches), pool if get_worker_info() else None, i)
     prefetch = None
     if samples.store.remote_store:

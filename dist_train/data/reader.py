@@ -157,9 +157,9 @@ class ShardIndexes:
 
     def _read(self, info: ShardInfo) -> ShardIndex | str:
         hint = REINDEX_HINT.format(root=self.store.where)
+        where = f"{self.store.where}/{info.index}"
         try:
-            where = self.store.path(info.index, info.index_sha256)
-            fd = open_regular(where)
+            fd = self.store.open(info.index, info.index_sha256)  # held in a cache until read: not evicted meanwhile
         except FileNotFoundError:
             return self._infer(info, hint)
         except OSError as e:
@@ -169,7 +169,7 @@ class ShardIndexes:
         if hashlib.sha256(raw).hexdigest() != info.index_sha256:
             return f"its index {info.index} is not the one manifest.json lists (sha256 differs): {hint}"
         try:
-            return parse_index(raw, str(where), info.keys, self.fields)
+            return parse_index(raw, where, info.keys, self.fields)
         except FormatError as e:
             return str(e)
 
