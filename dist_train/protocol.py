@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The protocol's arguments and the trainer's; ValueError for bad ones."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("run the protocol as one process, not under torchrun: python -m dist_train.protocol "
+                         "--nproc-per-node N starts torchrun for each split's training itself")
     a, trainer = build_parser().parse_known_args(argv)
     for flag in ("--shards", "--out", "--resume"):
         if any(t == flag or t.startswith(flag + "=") for t in trainer):

@@ -84,9 +84,12 @@ def test_three_splits_then_a_kill_during_split_2_and_a_rerun_that_keeps_split_1(
     assert "| mean +- std | multi |" in md and md in rerun.stdout
 
 
-def test_protocol_flags_it_sets_itself_are_refused():
+def test_protocol_flags_it_sets_itself_are_refused(monkeypatch):
     for bad in (["--shards", "x"], ["--shards=x"], ["--resume", "never"]):
         with pytest.raises(ValueError, match="is the protocol's to set"):
             protocol.parse(["--videos", "v", "--splits-dir", "s", "--out", "o", *bad])
     with pytest.raises(ValueError, match="--splits"):
         protocol.parse(["--videos", "v", "--splits-dir", "s", "--out", "o", "--splits", "4"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="not under torchrun"):
+        protocol.parse(["--videos", "v", "--splits-dir", "s", "--out", "o"])
