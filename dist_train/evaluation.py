@@ -4,9 +4,10 @@ The trainer's per-epoch and final evaluations and ``python -m dist_train.evaluat
 ``evaluate_samples``, so their numbers agree by construction.
 
 Views: one view is the centre crop the trainer evaluates on. ``views=3`` adds the two ends of the
-long side (three spatial crops of the same frames) and averages the class probabilities. Temporal
-views need more stored frames than the model takes; packed shards hold exactly the clip the model
-was trained on, so evaluation always uses one temporal view and says so.
+long side (three spatial crops of the same frames). Shards packed with ``--temporal-views K`` hold K
+frames per segment, and every temporal view is evaluated (``SampleSpec.temporal == "all"``; view k
+takes offset k of every segment). The class probabilities of all the views, temporal x spatial, are
+averaged (``averaged``); ``view_top1`` is the mean top-1 of the single views, and ``views`` says which.
 
 ``load_trained_model`` is how evaluate, predict and export open a checkpoint: every way a file can
 fail to be a usable model (missing, not a checkpoint, another format version, weights or config that
