@@ -1,10 +1,11 @@
 """Run all CPU benchmarks and print the table of ratios against the floors.
 
-    python -m bench [--quick] [--only pack,load,model_step,memory,resume]
+    python -m bench [--quick] [--only pack,load,model_step,memory,resume,remote]
 
 Writes ``bench/results/<name>.json`` per benchmark. Exit status 0 when every floor is met, 1 when
 one is missed, 2 when a benchmark could not run; figures reported beside the floors ("(report)")
-never fail. GPU figures come from ``bench/gpu.sh``.
+never fail. GPU figures come from ``bench/gpu.sh``. ``remote`` starts a loopback S3 server (SeaweedFS's
+``weed``, from the dev extras).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import traceback
 
 from bench import command, machine, write_result
 
-BENCHMARKS = ("pack", "load", "model_step", "memory", "resume")
+BENCHMARKS = ("pack", "load", "model_step", "memory", "resume", "remote")
 
 
 def _fmt(x) -> str:
