@@ -246,3 +246,14 @@ def test_a_cache_smaller_than_two_shuffle_windows_is_warned_about(http, sample_s
     note = cache.cache_note(opened(http.url, tmp_path / "b", size=str(sum(biggest[:2]) - 1)), 1)
     assert "raise --cache-size or lower --shuffle-window" in note
     assert cache.cache_note(m, 1) is None  # local shards: no cache
+
+
+def test_a_store_pickled_to_a_spawned_process_fetches_there(http, sample_shards, tmp_path):
+    store = opened(http.url, tmp_path / "cache").store  # used here first: it holds this process's filesystem
+    info = load_manifest(sample_shards).shards["train"][0]
+    ctx = multiprocessing.get_context("spawn")  # as under a forkserver or spawn start method: the store is pickled
+    barrier = ctx.Barrier(1)
+    proc = ctx.Process(target=_fetch_at, args=(store, info.name, info.sha256, info.bytes, barrier))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0 and (store.root / "data" / info.name).stat().st_size == info.bytes
