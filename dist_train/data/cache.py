@@ -20,8 +20,9 @@ shared locks), and which hold on NFS too (Linux maps them to NFS byte-range lock
 - a shard open for reading holds a shared lock on its file: it is in use and is not evicted.
 - ``HOST/.lock``: held while making room. Before a download, files not in use are deleted least
   recently used first (their mtime is set at each use) until the download fits under the cap, and the
-  ``.part`` file is given its full size at once, so concurrent downloads count against the cap.
-  Only files in the cache's own ``data/`` folders are ever deleted.
+  ``.part`` file is given its full size at once, so concurrent downloads count against the cap (the
+  ``.part`` file of a process that died downloading is deleted then). Only files in the cache's own
+  ``data/`` folders are ever deleted.
 
 Loader workers prefetch: each starts a thread (``Prefetch``) that fetches the shards it will read
 next, in the order it will first read them.
@@ -151,7 +152,7 @@ class CachedShards:
         create ``part`` at that size (so that other downloads count it)."""
         with _Flock(self.top / ".lock"):
             if self.cap is not None:
-                files = _files(self.top)
+                files = [f for f in _files(self.top) if not _stale_part(f[1])]
                 used = sum(st.st_size for st, _ in files)
                 for st, p in sorted((f for f in files if not f[1].name.startswith(".")), key=lambda f: f[0].st_mtime):
                     if used + size <= self.cap:
@@ -183,6 +184,18 @@ def _files(top: Path) -> list[tuple[os.stat_result, Path]]:
         except FileNotFoundError:
             continue
     return out
+
+
+def _stale_part(path: Path) -> bool:
+    """Whether ``path`` is the ``.part`` file of a download whose process died (nobody holds its lock); it is
+    deleted then, so that the size it reserved is free again."""
+    if not (path.name.startswith(".") and path.name.endswith(".part")):
+        return False
+    name = path.name[1:].rsplit(".", 2)[0]  # .NAME.PID.part
+    with _Flock(path.parent.parent / "locks" / f"{name}.lock", wait=False) as lock:
+        if lock.acquired:
+            path.unlink(missing_ok=True)
+    return lock.acquired
 
 
 def _touch(path: Path) -> None:

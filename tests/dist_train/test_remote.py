@@ -257,3 +257,14 @@ def test_a_store_pickled_to_a_spawned_process_fetches_there(http, sample_shards,
     proc.start()
     proc.join(120)
     assert proc.exitcode == 0 and (store.root / "data" / info.name).stat().st_size == info.bytes
+
+
+def test_the_part_file_of_a_download_that_died_is_deleted_to_make_room(http, sample_shards, tmp_path, caplog):
+    a, b = load_manifest(sample_shards).shards["train"][:2]
+    store = opened(http.url, tmp_path / "cache", size=str(a.bytes + 4096)).store
+    dead = store.root / "data" / f".{b.name}.999999.part"  # what a process killed while downloading b leaves
+    with open(dead, "wb") as f:
+        f.truncate(b.bytes)
+    with caplog.at_level(logging.WARNING, "dist_train"):
+        store.path(a.name, a.sha256, a.bytes)
+    assert not dead.exists() and "over --cache-size" not in caplog.text and store.cached() <= store.cap
