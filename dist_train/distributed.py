@@ -9,6 +9,7 @@ code runs as a single process and every collective below is a no-op.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -60,8 +61,13 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank, local_rank, world, device, backend)
 
 
+_GROUPS = itertools.count()  # process groups made by this process: each gets fresh keys in the store
+
+
 def _restart_safe_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
-    """torchrun's store under a per-restart prefix; None (plain env://) when torchrun shares no store.
+    """torchrun's store under a prefix of the restart and of the process group (one process may make several
+    in turn: ``dist_train.protocol`` under torchrun trains and evaluates each split in its own); None (plain
+    env://) when torchrun shares no store.
 
     torchrun 2.14 hands every restart round (``--max-restarts``) the same agent TCPStore, keys of the
     dead round included, and the new round's process group reads the dead peers' addresses and hangs
@@ -74,7 +80,8 @@ def _restart_safe_store(world: int, timeout: datetime.timedelta) -> dist.Store |
         return None
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                          timeout=timeout)
-    return dist.PrefixStore(f"dist_train/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+    return dist.PrefixStore(f"dist_train/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+                            f"group_{next(_GROUPS)}", base)
 
 
 def cleanup() -> None:

@@ -6,7 +6,9 @@
 For each split ``s``: the videos are packed with ``--split official --split-number s`` into
 ``OUT/shards/split<s>`` (a complete pack with the same arguments is reused), trained into
 ``OUT/split<s>`` (``python -m dist_train``, or ``torchrun --standalone --nproc_per_node N`` with
-``--nproc-per-node N``; every flag this command does not know goes to the trainer) and its ``best.pt``
+``--nproc-per-node N``; launched under torchrun itself, e.g. ``torchrun --nnodes 2 ... -m
+dist_train.protocol``, every process runs the protocol: the first packs while the others wait, and all
+train and evaluate together; every flag this command does not know goes to the trainer) and its ``best.pt``
 evaluated twice: one view (the centre crop of the middle frame of each segment) and several views
 (every temporal view the shards hold x ``--views`` spatial crops), into ``OUT/split<s>/eval-single``
 and ``OUT/split<s>/eval-multi``. ``OUT/protocol.json`` and ``OUT/protocol.md`` give, per split and as
@@ -28,6 +30,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -57,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The protocol's arguments and the trainer's; ValueError for bad ones."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("run the protocol as one process, not under torchrun: python -m dist_train.protocol "
-                         "--nproc-per-node N starts torchrun for each split's training itself")
     a, trainer = build_parser().parse_known_args(argv)
+    if _under_torchrun() and a.nproc_per_node != 1:
+        raise ValueError("--nproc-per-node is for the protocol run as one process; under torchrun, torchrun's "
+                         "processes train each split")
+    if _under_torchrun() and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1":
+        raise ValueError("under torchrun the protocol makes a process group for each step, which needs torchrun's "
+                         "shared store: unset TORCH_DISABLE_SHARE_RDZV_TCP_STORE, or run the protocol as one "
+                         "process with --nproc-per-node N")
     for flag in ("--shards", "--out", "--resume"):
         if any(t == flag or t.startswith(flag + "=") for t in trainer):
             raise ValueError(f"{flag} is the protocol's to set (each split has its own); drop it")
@@ -79,12 +86,31 @@ def pack_split(a: argparse.Namespace, split: int) -> Path:
                      temporal_views=a.temporal_views, split="official", official_dir=a.splits_dir,
                      split_number=split, progress=False)
     out = Path(cfg.output)
-    if (out / fmt.MANIFEST_NAME).is_file() and fmt.load_manifest(out).args == cfg.recorded():
+    if _packed(cfg):
         print(f"[protocol] split {split}: reusing the pack in {out}", file=sys.stderr)
         return out
+    failed = out.with_name(out.name + ".failed")
+    if _rank() > 0:  # under torchrun: the first process packs, the others wait for its manifest
+        while not _packed(cfg):
+            if failed.exists():
+                raise PackError(f"the first process could not pack {out}: {failed.read_text().strip()}")
+            time.sleep(2)
+        return out
     print(f"[protocol] split {split}: packing into {out}", file=sys.stderr)
-    pack(cfg)
+    failed.unlink(missing_ok=True)
+    try:
+        pack(cfg)
+    except Exception as e:
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"{type(e).__name__}: {e}\n")
+        raise
     return out
+
+
+def _packed(cfg: PackConfig) -> bool:
+    """Whether ``cfg.output`` holds a complete pack made with ``cfg``'s arguments."""
+    manifest = Path(cfg.output) / fmt.MANIFEST_NAME
+    return manifest.is_file() and fmt.load_manifest(cfg.output).args == cfg.recorded()
 
 
 def train_split(a: argparse.Namespace, trainer: list[str], shards: Path, run: Path) -> int:
@@ -92,6 +118,11 @@ def train_split(a: argparse.Namespace, trainer: list[str], shards: Path, run: Pa
     (a stop signal to this process goes on to the trainer, which saves and stops), else its exit status."""
     if _state(run) == "completed" and (run / "best.pt").is_file():
         return 0
+    if _under_torchrun():  # every process of torchrun's trains, here (torchrun passes stop signals on itself)
+        from dist_train.__main__ import main as train
+
+        code = train(["--shards", str(shards), "--out", str(run), *trainer])
+        return 0 if code == 0 else 75 if _state(run) == "stopped" else code
     launcher = [sys.executable, "-m", "dist_train"] if a.nproc_per_node == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc_per_node}",
          f"--signals-to-handle={','.join(s.name for s in STOP_SIGNALS)}", "-m", "dist_train"]
@@ -120,7 +151,8 @@ def evaluate_split(a: argparse.Namespace, shards: Path, run: Path) -> dict:
                                   *flags])
             if code:
                 raise RuntimeError(f"evaluating {run / 'best.pt'} ({view} view) failed with exit status {code}")
-        reports[view] = json.loads((out / "report.json").read_text())
+        if _rank() == 0:  # the first process writes the reports (and the summary)
+            reports[view] = json.loads((out / "report.json").read_text())
     return reports
 
 
@@ -195,13 +227,24 @@ def main(argv: list[str] | None = None) -> int:
                   "command to resume", file=sys.stderr)
             return code if code in (2, 75) else 1
         done[split] = evaluate_split(a, shards, run)
+        if _rank() > 0:
+            continue
         s = summary(a, trainer, done)
         fmt.write_json_atomic(out / "protocol.json", s)
         (out / "protocol.md").write_text(markdown(s), encoding="utf-8")
         print(f"[protocol] split {split}: " + ", ".join(f"{v} top-1 {100 * done[split][v]['top1']:.2f}"
                                                          for v in VIEWS), file=sys.stderr, flush=True)
-    print(markdown(summary(a, trainer, done)))
+    if _rank() == 0:
+        print(markdown(summary(a, trainer, done)))
     return 0
+
+
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 if __name__ == "__main__":

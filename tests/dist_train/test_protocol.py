@@ -90,6 +90,26 @@ def test_protocol_flags_it_sets_itself_are_refused(monkeypatch):
             protocol.parse(["--videos", "v", "--splits-dir", "s", "--out", "o", *bad])
     with pytest.raises(ValueError, match="--splits"):
         protocol.parse(["--videos", "v", "--splits-dir", "s", "--out", "o", "--splits", "4"])
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ValueError, match="not under torchrun"):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun: its processes train
+    with pytest.raises(ValueError, match="--nproc-per-node is for the protocol run as one process"):
+        protocol.parse(["--videos", "v", "--splits-dir", "s", "--out", "o", "--nproc-per-node", "2"])
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    with pytest.raises(ValueError, match="unset TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         protocol.parse(["--videos", "v", "--splits-dir", "s", "--out", "o"])
+
+
+def test_launched_under_torchrun_every_process_trains_and_evaluates_together(tmp_path):
+    data, splits = hmdb_tree(tmp_path)
+    out = tmp_path / "hmdb51"
+    args = ["--videos", str(data), "--splits-dir", str(splits), "--out", str(out), "--splits", "3", "--frames", "8",
+            *TINY, "--epochs", "1", "--workers", "0", "--val-fraction", "0"]
+    cmd, env = trainer_command(args, nproc=2)
+    cmd[cmd.index("dist_train")] = "dist_train.protocol"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "split3" / "results.json").read_text())["world_size"] == 2
+    report = json.loads((out / "split3" / "eval-multi" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["n_samples"] == 4
+    s = json.loads((out / "protocol.json").read_text())
+    assert s["complete"] and s["splits"]["3"]["multi"]["top1"] == report["top1"]
+    assert proc.stderr.count("packing into") == 1  # the first process packed, the other waited
