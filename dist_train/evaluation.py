@@ -7,7 +7,7 @@ Views: one view is the centre crop the trainer evaluates on. ``views=3`` adds th
 long side (three spatial crops of the same frames). Shards packed with ``--temporal-views K`` hold K
 frames per segment, and every temporal view is evaluated (``SampleSpec.temporal == "all"``; view k
 takes offset k of every segment). The class probabilities of all the views, temporal x spatial, are
-averaged (``averaged``); ``view_top1`` is the mean top-1 of the single views, and ``views`` says which.
+averaged (``averaged``); ``view_top1`` is the mean top-1 of the single views, and ``views_note`` says which.
 
 ``load_trained_model`` is how evaluate, predict and export open a checkpoint: every way a file can
 fail to be a usable model (missing, not a checkpoint, another format version, weights or config that
@@ -171,7 +171,7 @@ def evaluate_samples(model: torch.nn.Module, samples: data.Samples, ids, spec: d
                            f"{expected}: the evaluation data plan lost or repeated samples")
     per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
     result = {"loss": loss_sum / max(n, 1), "top1": float(matrix.diag().sum()) / max(n, 1),
-              "top5": top5 / max(n, 1), "view_top1": view_hits / max(n, 1), "views": views_of(spec),
+              "top5": top5 / max(n, 1), "view_top1": view_hits / max(n, 1), "views_note": views_of(spec),
               "n_samples": n, "unreadable": int(unreadable), "per_class": dict(zip(classes, per_class)),
               "confusion": matrix.tolist(), "bad": bad}
     if keep_predictions:

@@ -122,20 +122,20 @@ def train_split(a: argparse.Namespace, trainer: list[str], shards: Path, run: Pa
         from dist_train.__main__ import main as train
 
         code = train(["--shards", str(shards), "--out", str(run), *trainer])
-        return 0 if code == 0 else 75 if _state(run) == "stopped" else code
-    launcher = [sys.executable, "-m", "dist_train"] if a.nproc_per_node == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc_per_node}",
-         f"--signals-to-handle={','.join(s.name for s in STOP_SIGNALS)}", "-m", "dist_train"]
-    print(f"[protocol] training {run}", file=sys.stderr, flush=True)
-    child = subprocess.Popen([*launcher, "--shards", str(shards), "--out", str(run), *trainer])
-    before = {sig: signal.signal(sig, lambda sig, _: child.send_signal(sig)) for sig in STOP_SIGNALS}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-    state = _state(run)
-    return 0 if code == 0 and state == "completed" else 75 if state == "stopped" else code or 1
+    else:
+        launcher = [sys.executable, "-m", "dist_train"] if a.nproc_per_node == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc_per_node}",
+             f"--signals-to-handle={','.join(s.name for s in STOP_SIGNALS)}", "-m", "dist_train"]
+        print(f"[protocol] training {run}", file=sys.stderr, flush=True)
+        child = subprocess.Popen([*launcher, "--shards", str(shards), "--out", str(run), *trainer])
+        before = {sig: signal.signal(sig, lambda sig, _: child.send_signal(sig)) for sig in STOP_SIGNALS}
+        try:
+            code = child.wait()
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+    # torchrun exits 1 for any stop by a signal: the run's status says whether the trainer saved and stopped
+    return 0 if code == 0 else 75 if _state(run) == "stopped" else code
 
 
 def evaluate_split(a: argparse.Namespace, shards: Path, run: Path) -> dict:

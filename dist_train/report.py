@@ -109,7 +109,7 @@ def final_results(test: dict, best: dict, *, classes: list[str], plan: data.Data
     lay = plan.layout
     return {
         "top1": test["top1"], "top5": test["top5"], "loss": test["loss"], "per_class": test["per_class"],
-        "view_top1": test["view_top1"], "views": test["views"],
+        "view_top1": test["view_top1"], "views_note": test["views_note"],
         "n_samples": test["n_samples"], "unreadable": test["unreadable"], "confusion": test["confusion"],
         "classes": classes, "epochs": epochs, "steps": steps, "world_size": world_size,
         "global_batch": lay.global_batch, "micro_batch": lay.micro_batch, "accum_steps": lay.accum_steps,

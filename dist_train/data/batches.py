@@ -82,7 +82,7 @@ class SampleSpec:
         """The frames of each temporal view the clip takes (one list unless ``multi_view``)."""
         k, t = self.temporal_views, self.frames
         if k == 1:
-            return [list(jpegs)]
+            return [jpegs]
         if self.temporal == "all":
             return [[jpegs[p] for p in view_positions(t, k, v)] for v in range(k)]
         if self.temporal == "jitter" and seed is not None:

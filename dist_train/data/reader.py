@@ -88,9 +88,6 @@ class LocalShards:
         """A read-only descriptor of shard ``name``; OSError if it is not a readable regular file."""
         return open_regular(self.root / name)
 
-    def prefetch(self, name: str, sha256: str | None = None, size: int | None = None) -> None:
-        """Nothing to fetch: the shard is here."""
-
 
 def store_of(manifest: Manifest) -> LocalShards:
     """Where ``manifest``'s files are read from: the store ``cache.open_manifest`` gave it, or its folder."""

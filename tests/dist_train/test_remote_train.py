@@ -42,7 +42,7 @@ def losses(out: Path) -> list[tuple]:
     """Every step's training loss and every evaluation's numbers, as metrics.jsonl has them."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [tuple(sorted((k, v) for k, v in r.items() if k.split("/")[0] in ("train", "val", "test") and
-                         "loss" in k or "top1" in k)) for r in rows]
+                         ("loss" in k or "top1" in k))) for r in rows]
 
 
 def same_run(out: Path, local: Path) -> None:

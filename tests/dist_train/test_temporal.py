@@ -85,8 +85,8 @@ def test_one_temporal_view_of_three_is_the_one_view_pack(three_views):
 
     single, middle, all3 = run(one), run(three, all_temporal=False), run(three)
     assert middle["loss"] == single["loss"] and middle["confusion"] == single["confusion"]
-    assert single["views"] == middle["views"] == "1 temporal x 1 spatial views"
-    assert all3["views"] == "3 temporal x 1 spatial views" and all3["loss"] != single["loss"]
+    assert single["views_note"] == middle["views_note"] == "1 temporal x 1 spatial views"
+    assert all3["views_note"] == "3 temporal x 1 spatial views" and all3["loss"] != single["loss"]
     assert all3["n_samples"] == single["n_samples"] == one.count("test")
 
 
