@@ -142,3 +142,18 @@ def test_the_s3_server_stopped_and_started_again_is_ridden_out(s3, sample_shards
     assert path.read_bytes() == (sample_shards / info.name).read_bytes()
     assert f"{s3.url}{info.name}: asking its size" not in caplog.text  # the manifest gave the size
     assert f"{s3.url}{info.name}: reading bytes 0-{info.bytes - 1} failed" in caplog.text
+
+
+def test_no_credentials_is_an_error_at_once_saying_where_keys_go(s3, tmp_path, monkeypatch):
+    from dist_train.data import RemoteError, open_manifest
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata service to ask
+    start = time.monotonic()
+    with pytest.raises(RemoteError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") as e:
+        open_manifest(s3.url, tmp_path / "cache", "auto", 5.0, 8)
+    assert time.monotonic() - start < 10 and s3.url in str(e.value)  # not retried 8 times
